@@ -1,0 +1,19 @@
+"""Preference losses: pure functions `fn(PreferenceBatch, *, beta, ...) -> LossOutput`, one registry of names.
+
+Importing this package imports every family module, which registers its losses.
+"""
+
+from . import apo, bco, cpo, dpo, dpop, ipo, kto, length, nca, orpo, simpo, sft, sppo  # noqa: F401  (register)
+from ._types import LossOutput, PreferenceBatch
+from .registry import ENTRY_POINT_GROUP, LossSpec, get_loss, list_losses, register_loss, validate_loss_kwargs
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "LossOutput",
+    "LossSpec",
+    "PreferenceBatch",
+    "get_loss",
+    "list_losses",
+    "register_loss",
+    "validate_loss_kwargs",
+]

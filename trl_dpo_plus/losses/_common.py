@@ -1,0 +1,49 @@
+"""Small pieces the losses share: log-ratios, f-divergence scores, per-token means, the SFT term."""
+
+from __future__ import annotations
+
+import torch
+
+from ._types import PreferenceBatch
+
+
+def logratios(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(Δw, Δl) = (lw - rw, ll - rl)`; the reference side is detached."""
+    if not batch.has_reference:
+        raise ValueError("This loss needs reference log-probs, but the batch has ref_chosen_logps=None")
+    return (
+        batch.chosen_logps - batch.ref_chosen_logps.detach(),
+        batch.rejected_logps - batch.ref_rejected_logps.detach(),
+    )
+
+
+def scores(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The f-divergence scores `f'(π/π_ref)` when the trainer set them, else the plain log-ratios (reverse KL)."""
+    if batch.chosen_scores is None:
+        return logratios(batch)
+    return batch.chosen_scores, batch.rejected_scores
+
+
+def per_token(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`x / |y|`, with zero-length completions counted as length 1."""
+    return x / lengths.clamp(min=1).to(x.dtype)
+
+
+def sft_nll(batch: PreferenceBatch) -> torch.Tensor:
+    """Token-mean NLL of the chosen completions over the whole batch (cross-entropy on chosen), a scalar."""
+    nll = -batch.chosen_logps if batch.chosen_nll is None else batch.chosen_nll
+    return nll.sum() / batch.chosen_lengths.sum().clamp(min=1).to(nll.dtype)
+
+
+def dpo_rewards(batch: PreferenceBatch, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's implicit rewards `β·Δw`, `β·Δl`, detached (TRL's `rewards/*` for every reference-based loss)."""
+    chosen, rejected = logratios(batch)
+    return beta * chosen.detach(), beta * rejected.detach()
+
+
+def mean_logp_rewards(batch: PreferenceBatch, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference-free rewards `β·lw/|yw|`, `β·ll/|yl|` (SimPO's definition), detached."""
+    return (
+        beta * per_token(batch.chosen_logps, batch.chosen_lengths).detach(),
+        beta * per_token(batch.rejected_logps, batch.rejected_lengths).detach(),
+    )

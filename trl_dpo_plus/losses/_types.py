@@ -1,0 +1,76 @@
+"""The typed inputs and outputs every preference loss shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class PreferenceBatch:
+    """Per-pair statistics of a batch of B preference pairs (chosen `w`, rejected `l`).
+
+    Every tensor field has shape `(B,)` unless noted. Policy fields carry gradients; the trainer produces the
+    reference fields under `torch.no_grad()` and the losses detach them again, so no gradient ever reaches them.
+
+    Args:
+        chosen_logps: policy log-prob of the chosen completion, summed over its tokens (`lw`).
+        rejected_logps: policy log-prob of the rejected completion, summed over its tokens (`ll`).
+        ref_chosen_logps: reference log-prob of the chosen completion (`rw`); `None` for reference-free losses.
+        ref_rejected_logps: reference log-prob of the rejected completion (`rl`); `None` for reference-free losses.
+        chosen_lengths: number of chosen completion tokens (`|yw|`); losses clamp it to at least 1.
+        rejected_lengths: number of rejected completion tokens (`|yl|`); losses clamp it to at least 1.
+        chosen_nll: summed negative log-likelihood of the chosen completion tokens, never length-weighted (LD-DPO's
+            `ld_alpha` reweights `chosen_logps` but not this). `None` means `-chosen_logps`.
+        chosen_scores, rejected_scores: the f-divergence transform `f'(π/π_ref)` of the log-ratios (f-DPO). `None`
+            means reverse KL, i.e. the plain log-ratios `lw - rw`, `ll - rl`.
+        chosen_kl, rejected_kl: 0-dim batch-level baselines `mean(lw - rw)`, `mean(ll - rl)` over the *global* batch
+            (all processes), for losses with `requires_kl=True` (kto_pair). `None` means "use this batch".
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    ref_chosen_logps: torch.Tensor | None = None
+    ref_rejected_logps: torch.Tensor | None = None
+    chosen_nll: torch.Tensor | None = None
+    chosen_scores: torch.Tensor | None = None
+    rejected_scores: torch.Tensor | None = None
+    chosen_kl: torch.Tensor | None = None
+    rejected_kl: torch.Tensor | None = None
+
+    def __post_init__(self):
+        size = self.chosen_logps.shape
+        if len(size) != 1:
+            raise ValueError(f"PreferenceBatch fields must have shape (B,), got chosen_logps of shape {tuple(size)}")
+        for name in ("rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
+                     "ref_rejected_logps", "chosen_nll", "chosen_scores", "rejected_scores"):
+            value = getattr(self, name)
+            if value is not None and value.shape != size:
+                raise ValueError(f"PreferenceBatch.{name} has shape {tuple(value.shape)}, expected {tuple(size)}")
+        if (self.ref_chosen_logps is None) != (self.ref_rejected_logps is None):
+            raise ValueError("PreferenceBatch needs both ref_chosen_logps and ref_rejected_logps, or neither")
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen_logps is not None
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns: unreduced per-pair losses and the rewards as that loss defines them.
+
+    Args:
+        losses: `(B,)` per-pair losses, not reduced; the trainer takes the mean. Losses that are defined per batch
+            (aot, sft) return the same value broadcast or a per-position value whose mean is the batch loss.
+        chosen_rewards, rejected_rewards: `(B,)` detached implicit rewards, e.g. `β·(lw - rw)` for DPO, `β·lw/|yw|`
+            for SimPO.
+        metrics: extra detached scalars or `(B,)` tensors to log, keyed by a short name.
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,33 @@
+"""APO: anchored preference optimisation (zero and down anchors)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import dpo_rewards, logratios
+from ._types import LossOutput, PreferenceBatch
+from .registry import register_loss
+
+
+@register_loss("apo_zero", requires_reference=True, paper="https://arxiv.org/abs/2408.06266", ranges={"beta": "(0, inf)"})
+def apo_zero(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
+    """APO-zero — D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266 (Eq. 7).
+
+    Loss: (1 − σ(βΔw)) + σ(βΔl)
+
+    Raises chosen and lowers rejected likelihood: for chosen outputs better than the model's own.
+    """
+    dw, dl = logratios(batch)
+    return LossOutput(1 - torch.sigmoid(beta * dw) + torch.sigmoid(beta * dl), *dpo_rewards(batch, beta))
+
+
+@register_loss("apo_down", requires_reference=True, paper="https://arxiv.org/abs/2408.06266", ranges={"beta": "(0, inf)"})
+def apo_down(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
+    """APO-down — D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266 (Eq. 8).
+
+    Loss: σ(βΔw) + (1 − σ(β(Δw − Δl)))
+
+    Lowers both likelihoods, the rejected more: for chosen outputs worse than the model's own.
+    """
+    dw, dl = logratios(batch)
+    return LossOutput(torch.sigmoid(beta * dw) + 1 - torch.sigmoid(beta * (dw - dl)), *dpo_rewards(batch, beta))
