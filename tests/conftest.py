@@ -18,3 +18,62 @@ def hh_rlhf_dir():
     if not (HH_RLHF / "train.jsonl").exists():
         pytest.skip(f"needs the real HH-RLHF subset at {HH_RLHF} (../shared/data beside the checkout); not present")
     return HH_RLHF
+
+
+def make_pairs(n: int, seed: int = 0):
+    """Small generated preference pairs: a story prompt, a kind ending (chosen) and an unkind one (rejected)."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    names = ["Lily", "Tom", "Sue", "Max", "Ben", "Mia"]
+    things = ["ball", "cat", "tree", "cake", "boat", "dog"]
+    kind = ["shared it with a friend and smiled.", "said thank you and hugged mom.", "helped the little bird home."]
+    unkind = ["broke it and ran away.", "was mean and yelled at everyone.", "threw it in the mud"]
+    rows = []
+    for _ in range(n):
+        name, thing = rng.choice(names), rng.choice(things)
+        rows.append(
+            {
+                "prompt": f"Once upon a time, {name} found a {thing}. {name}",
+                "chosen": " " + rng.choice(kind) + " " * rng.randint(0, 1) + rng.choice(["", " The end."]),
+                "rejected": " " + rng.choice(unkind),
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="session")
+def stories_path():
+    from trl_dpo_plus.assets import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(stories_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """Random-init tiny Llama and Qwen2 models saved to disk (TRL loads the reference copy from the path)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    paths = {}
+    for name, config in {"llama": LlamaConfig(**common), "qwen2": Qwen2Config(**common)}.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths

@@ -36,7 +36,6 @@ def sigmoid_norm(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
 @register_loss(
     "ln_dpo",
     requires_reference=True,
-    supports_f_divergence=True,
     paper="https://arxiv.org/abs/2411.15124",
     ranges={"beta": "(0, inf)"},
 )

@@ -1,0 +1,160 @@
+"""`DPOPlusConfig`: TRL's `DPOConfig`, with `loss_type` checked against the registry when the config is built."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import DPOConfig
+
+from .losses import get_loss, list_losses, validate_loss_kwargs
+
+logger = logging.getLogger(__name__)
+
+# TRL config fields that feed a loss hyperparameter of the same meaning: config field -> loss keyword.
+SHARED_LOSS_FIELDS = {"label_smoothing": "label_smoothing", "discopop_tau": "tau"}
+
+
+_cpu_notice_given = False
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+@dataclass
+class DPOPlusConfig(DPOConfig):
+    r"""
+    Configuration for [`DPOPlusTrainer`]: every field of TRL's [`~trl.DPOConfig`] works as there, plus the ones below.
+
+    `loss_type` takes any name in the trl_dpo_plus loss registry (`trl_dpo_plus.list_losses()`), or a list of names
+    combined with `loss_weights`. Unknown names, unknown or out-of-range hyperparameters and mismatched lengths raise
+    here, before any model is loaded.
+
+    Differences from TRL's defaults:
+    - `beta`: `None` means the first loss's recommended β (0.1 for DPO, 2.0 for SimPO, 5.0 for LN-DPO).
+    - On a machine without a GPU the config selects the CPU (`use_cpu=True`) and float32 unless `bf16` was set
+      explicitly, and says so once in the log (TRL's `DPOConfig()` refuses to start there).
+
+    Parameters:
+        loss_kwargs (`dict[str, dict]` or `str`, *optional*):
+            Per-loss hyperparameters, e.g. `{"simpo": {"gamma": 0.5}, "dpop": {"lambda_": 50}}`; a JSON string on the
+            command line. Each is checked against the loss's signature and allowed range. They take precedence over
+            `beta`, `label_smoothing` and `discopop_tau` for that loss.
+        drop_degenerate_pairs (`bool`, *optional*, defaults to `False`):
+            Drop pairs with an empty completion or with chosen == rejected at dataset preparation. They are always
+            counted and reported.
+    """
+
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["loss_kwargs"]
+
+    # Parameters that control the loss
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "Preference loss(es) from the trl_dpo_plus registry: "
+            + ", ".join(list_losses())
+            + ". Several names are combined with `loss_weights`.",
+        },
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Parameter controlling the deviation from the reference model (for IPO, the paper's τ; for SimPO, "
+            "the reward scale). If unset, the first loss's recommended default is used."
+        },
+    )
+    loss_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Per-loss hyperparameters as a mapping (JSON on the command line), e.g. \'{"simpo": {"gamma": '
+            "0.5}}'. Checked against each loss's signature and ranges."
+        },
+    )
+    drop_degenerate_pairs: bool = field(
+        default=False,
+        metadata={"help": "Drop pairs with an empty completion or chosen == rejected (they are always counted)."},
+    )
+
+    def __post_init__(self):
+        self._select_device()
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        if not self.loss_type:
+            raise ValueError("`loss_type` is empty: name at least one loss, e.g. loss_type='sigmoid'")
+        specs = [get_loss(name) for name in self.loss_type]  # unknown names raise with a suggestion
+        if len(set(self.loss_type)) != len(self.loss_type):
+            raise ValueError(f"`loss_type` names a loss twice: {self.loss_type}; use `loss_weights` to weight it")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"`loss_weights` has {len(self.loss_weights)} entries for {len(self.loss_type)} loss types "
+                f"{self.loss_type}; give one weight per loss."
+            )
+        if self.beta is None:
+            self.beta = specs[0].defaults["beta"]
+            logger.info("beta not set: using %s's recommended beta=%s", specs[0].name, self.beta)
+
+        if isinstance(self.loss_kwargs, str):
+            self.loss_kwargs = json.loads(self.loss_kwargs)
+        self.loss_kwargs = dict(self.loss_kwargs or {})
+        for name, kwargs in self.loss_kwargs.items():
+            if name not in self.loss_type:
+                raise ValueError(
+                    f"`loss_kwargs` sets hyperparameters for {name!r}, which is not in loss_type={self.loss_type}"
+                )
+            if not isinstance(kwargs, dict):
+                raise TypeError(f"`loss_kwargs[{name!r}]` must be a mapping of hyperparameters, got {kwargs!r}")
+        for name in self.loss_type:
+            self.loss_kwargs_for(name)  # validates names, types and ranges now, not at step 1
+
+        f_div = {s.name for s in specs if not s.supports_f_divergence}
+        if self.f_divergence_type != "reverse_kl" and f_div:
+            raise ValueError(
+                f"`f_divergence_type={self.f_divergence_type!r}` is not defined for {sorted(f_div)}; it applies to "
+                f"{sorted(n for n in list_losses() if get_loss(n).supports_f_divergence)}. Use 'reverse_kl'."
+            )
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ValueError("`exo_pair` needs label_smoothing > 0 (the EXO paper recommends 1e-3): set label_smoothing=1e-3")
+        if not any(s.requires_reference for s in specs):
+            if self.precompute_ref_log_probs:
+                logger.info("Every selected loss is reference-free: nothing to precompute, precompute_ref_log_probs=False")
+                self.precompute_ref_log_probs = False
+            if self.sync_ref_model:
+                raise ValueError(f"`sync_ref_model=True` needs a reference model, but {self.loss_type} is reference-free")
+        super().__post_init__()
+
+    def _select_device(self) -> None:
+        global _cpu_notice_given
+        if self.use_cpu or _has_accelerator():
+            return
+        self.use_cpu = True
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = False
+        if _cpu_notice_given:
+            return
+        _cpu_notice_given = True
+        logger.warning(
+            "No GPU found: training on the CPU (use_cpu=True) in %s.", "bfloat16 mixed precision" if self.bf16 else "float32"
+        )
+
+    @property
+    def requires_reference(self) -> bool:
+        """Whether any selected loss reads reference log-probs."""
+        return any(get_loss(name).requires_reference for name in self.loss_type)
+
+    def loss_kwargs_for(self, name: str) -> dict[str, Any]:
+        """The validated hyperparameters loss `name` runs with: its defaults < beta & shared fields < loss_kwargs."""
+        accepted = get_loss(name).defaults
+        kwargs = {"beta": self.beta}
+        for config_field, keyword in SHARED_LOSS_FIELDS.items():
+            value = getattr(self, config_field)
+            if keyword in accepted and value != type(self).__dataclass_fields__[config_field].default:
+                kwargs[keyword] = value
+        kwargs.update(self.loss_kwargs.get(name, {}))
+        return validate_loss_kwargs(name, kwargs)

@@ -1,0 +1,93 @@
+"""Dataset checks run at dataset preparation, before tokenization: clear errors and counted warnings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from datasets import Dataset, IterableDataset
+
+logger = logging.getLogger(__name__)
+
+REQUIRED = ("chosen", "rejected")
+
+
+@dataclass
+class PairCounts:
+    total: int = 0
+    empty_completion: int = 0
+    identical: int = 0
+
+    @property
+    def degenerate(self) -> int:
+        return self.empty_completion + self.identical
+
+
+def _text(value) -> str:
+    """Plain text of a field: the string itself, or the concatenated contents of a conversational message list."""
+    if isinstance(value, str):
+        return value
+    return "".join(str(m.get("content", "")) for m in value)
+
+
+def _check_field(value, column: str, row: int) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return
+    raise TypeError(
+        f"Row {row}, column {column!r}: expected a string (or a list of {{'role', 'content'}} messages), got "
+        f"{type(value).__name__} {value!r:.80}. Convert the column to text before training."
+    )
+
+
+def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: bool = False):
+    """Validate a prompt/chosen/rejected dataset; count (and optionally drop) empty or identical pairs.
+
+    Raises on a missing column (naming the columns the dataset has), on unpaired KTO-style data, and on non-string
+    fields (naming the row). A `datasets.IterableDataset` is checked on its first example only.
+    """
+    if isinstance(dataset, IterableDataset):
+        columns = list(next(iter(dataset)).keys())
+    elif isinstance(dataset, Dataset):
+        columns = dataset.column_names
+    else:
+        return dataset  # dicts of datasets are checked one by one by the caller
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        hint = ""
+        if {"completion", "label"} <= set(columns):
+            hint = " This looks like unpaired (KTO-style) data: pair it into chosen/rejected first."
+        raise ValueError(
+            f"The {name} dataset has no {' or '.join(repr(c) for c in missing)} column. A preference dataset needs "
+            f"'prompt' (optional when chosen/rejected carry it), 'chosen' and 'rejected'; this one has {columns}.{hint}"
+        )
+    if isinstance(dataset, IterableDataset):
+        return dataset
+
+    fields = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    data = dataset.select_columns(fields).to_dict()
+    counts = PairCounts(total=len(dataset))
+    keep = []
+    for row in range(len(dataset)):
+        for column in fields:
+            _check_field(data[column][row], column, row)
+        chosen, rejected = _text(data["chosen"][row]), _text(data["rejected"][row])
+        empty = not chosen.strip() or not rejected.strip()
+        identical = not empty and chosen.strip() == rejected.strip()
+        counts.empty_completion += empty
+        counts.identical += identical
+        keep.append(not (empty or identical))
+
+    if counts.degenerate:
+        action = "dropped" if drop_degenerate else "kept (set drop_degenerate_pairs=True to drop them)"
+        logger.warning(
+            "%s dataset: %d of %d pairs have an empty completion and %d have chosen == rejected; %s. They give no "
+            "preference signal.",
+            name, counts.empty_completion, counts.total, counts.identical, action,
+        )
+        if drop_degenerate:
+            dataset = dataset.select([i for i, k in enumerate(keep) if k])
+            if len(dataset) == 0:
+                raise ValueError(f"Every pair of the {name} dataset was empty or identical; nothing is left to train on")
+    return dataset
