@@ -47,6 +47,11 @@ class DPOPlusConfig(DPOConfig):
             Per-loss hyperparameters, e.g. `{"simpo": {"gamma": 0.5}, "dpop": {"lambda_": 50}}`; a JSON string on the
             command line. Each is checked against the loss's signature and allowed range. They take precedence over
             `beta`, `label_smoothing` and `discopop_tau` for that loss.
+        diagnostics (`bool`, *optional*, defaults to `True`):
+            Add the diagnostics callbacks (reward margins, likelihood displacement, length bias) and write
+            `diagnostics.json` and `diagnostics.png` into `output_dir`.
+        diagnostics_action (`str`, *optional*, defaults to `"warn"`):
+            What a diagnostics flag does: `"warn"`, `"stop"` or `"checkpoint"`.
         drop_degenerate_pairs (`bool`, *optional*, defaults to `False`):
             Drop pairs with an empty completion or with chosen == rejected at dataset preparation. They are always
             counted and reported.
@@ -77,6 +82,16 @@ class DPOPlusConfig(DPOConfig):
             "0.5}}'. Checked against each loss's signature and ranges."
         },
     )
+    diagnostics: bool = field(
+        default=True,
+        metadata={"help": "Add the reward-margin, likelihood-displacement and length-bias callbacks and write "
+                  "diagnostics.json/.png into output_dir."},
+    )
+    diagnostics_action: str = field(
+        default="warn",
+        metadata={"help": "What a diagnostics flag does: 'warn' (log once per episode), 'stop', or 'checkpoint' "
+                  "(save the last healthy model, then stop).", "choices": ["warn", "stop", "checkpoint"]},
+    )
     drop_degenerate_pairs: bool = field(
         default=False,
         metadata={"help": "Drop pairs with an empty completion or chosen == rejected (they are always counted)."},
@@ -86,6 +101,8 @@ class DPOPlusConfig(DPOConfig):
         self._select_device()
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
+        if self.diagnostics_action not in ("warn", "stop", "checkpoint"):
+            raise ValueError(f"diagnostics_action={self.diagnostics_action!r}: choose 'warn', 'stop' or 'checkpoint'")
         if not self.loss_type:
             raise ValueError("`loss_type` is empty: name at least one loss, e.g. loss_type='sigmoid'")
         specs = [get_loss(name) for name in self.loss_type]  # unknown names raise with a suggestion

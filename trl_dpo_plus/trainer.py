@@ -21,6 +21,7 @@ from trl.trainer import dpo_trainer as _trl_dpo
 
 from .config import DPOPlusConfig
 from .data import check_preference_dataset
+from .diagnostics import DiagnosticCallback, DiagnosticsReportCallback, default_callbacks
 from .layout import PaddedPairLayout, PolicyForward
 from .losses import LossOutput, PreferenceBatch, get_loss
 
@@ -99,6 +100,19 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         with self._no_reference_model_loaded(model, ref_model):
             super().__init__(model, ref_model, args, *pos_args, **kwargs)
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.last_pair_statistics: dict[str, torch.Tensor] = {}
+        self._add_diagnostics(args)
+
+    def _add_diagnostics(self, args: DPOPlusConfig) -> None:
+        """The default diagnostics callbacks (unless the user passed their own of a kind), and the report writer."""
+        given = {type(cb) for cb in self.callback_handler.callbacks}
+        if args.diagnostics:
+            for callback in default_callbacks(action=args.diagnostics_action):
+                if type(callback) not in given:
+                    self.add_callback(callback)
+        self.diagnostics = [cb for cb in self.callback_handler.callbacks if isinstance(cb, DiagnosticCallback)]
+        if self.diagnostics and DiagnosticsReportCallback not in given:
+            self.add_callback(DiagnosticsReportCallback())
 
     @contextlib.contextmanager
     def _no_reference_model_loaded(self, model, ref_model):
@@ -275,7 +289,14 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        self.last_pair_statistics = self.pair_statistics(mode)
+        stats = self.pair_statistics(mode)
+        self.last_pair_statistics = stats
+        step = self.state.global_step
+        for callback in self.diagnostics:
+            if mode == "train":
+                logs.update(callback.observe(step, stats, is_main=self.is_world_process_zero()))
+            else:
+                logs.update({f"eval_{k}": v for k, v in callback.observe_once(step, stats).items()})
         super().log(logs, start_time)
         self._pair_stats[mode].clear()
 
