@@ -69,8 +69,11 @@ def tiny_models(tmp_path_factory, tokenizer):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
+    # bitsandbytes' 4-bit CPU inference kernel needs in/out features that are multiples of its blocksize (64)
+    wide = {**common, "hidden_size": 64, "intermediate_size": 128}
     paths = {}
-    for name, config in {"llama": LlamaConfig(**common), "qwen2": Qwen2Config(**common)}.items():
+    configs = {"llama": LlamaConfig(**common), "qwen2": Qwen2Config(**common), "llama64": LlamaConfig(**wide)}
+    for name, config in configs.items():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(root / name)

@@ -47,6 +47,11 @@ class DPOPlusConfig(DPOConfig):
             Per-loss hyperparameters, e.g. `{"simpo": {"gamma": 0.5}, "dpop": {"lambda_": 50}}`; a JSON string on the
             command line. Each is checked against the loss's signature and allowed range. They take precedence over
             `beta`, `label_smoothing` and `discopop_tau` for that loss.
+        qlora (`bool`, *optional*, defaults to `False`):
+            Load the model in 4-bit NF4 with LoRA on all linear layers (`trl_dpo_plus.qlora_defaults()`); the
+            reference model is the adapter-disabled base. `peft_config`/`quantization_config` override the preset.
+        lora (`bool`, *optional*, defaults to `False`):
+            LoRA without quantisation, same preset.
         diagnostics (`bool`, *optional*, defaults to `True`):
             Add the diagnostics callbacks (reward margins, likelihood displacement, length bias) and write
             `diagnostics.json` and `diagnostics.png` into `output_dir`.
@@ -82,6 +87,16 @@ class DPOPlusConfig(DPOConfig):
             "0.5}}'. Checked against each loss's signature and ranges."
         },
     )
+    qlora: bool = field(
+        default=False,
+        metadata={"help": "QLoRA in one switch: load the model in 4-bit NF4 (double quantisation, bf16 compute), LoRA on "
+                  "all linear layers (r=16, alpha=32, dropout=0.05), gradient checkpointing; the reference is the "
+                  "adapter-disabled base. A `peft_config`/`quantization_config` passed to the trainer overrides the preset."},
+    )
+    lora: bool = field(
+        default=False,
+        metadata={"help": "LoRA (no quantisation) with the same preset as `qlora`; the reference is the adapter-disabled base."},
+    )
     diagnostics: bool = field(
         default=True,
         metadata={"help": "Add the reward-margin, likelihood-displacement and length-bias callbacks and write "
@@ -103,6 +118,13 @@ class DPOPlusConfig(DPOConfig):
             self.loss_type = [self.loss_type]
         if self.diagnostics_action not in ("warn", "stop", "checkpoint"):
             raise ValueError(f"diagnostics_action={self.diagnostics_action!r}: choose 'warn', 'stop' or 'checkpoint'")
+        if self.qlora and self.lora:
+            raise ValueError("Set qlora=True or lora=True, not both (QLoRA is LoRA on a 4-bit base)")
+        if (self.qlora or self.lora) and self.sync_ref_model:
+            raise ValueError(
+                f"{'qlora' if self.qlora else 'lora'}=True uses the adapter-disabled base as the reference, which cannot "
+                "be synced: set sync_ref_model=False, or train without adapters."
+            )
         if not self.loss_type:
             raise ValueError("`loss_type` is empty: name at least one loss, e.g. loss_type='sigmoid'")
         specs = [get_loss(name) for name in self.loss_type]  # unknown names raise with a suggestion

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PaddedPairLayout:
     """TRL's padded `[chosen; rejected]` batch, as built by `trl.trainer.dpo_trainer.DataCollatorForPreference`."""
 
     def policy_forward(self, trainer, model, inputs: dict[str, torch.Tensor]) -> PolicyForward:
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         if trainer.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True

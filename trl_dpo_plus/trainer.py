@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 from collections import defaultdict
 from unittest import mock
 
@@ -21,13 +22,19 @@ from trl.trainer import dpo_trainer as _trl_dpo
 
 from .config import DPOPlusConfig
 from .data import check_preference_dataset
+from .hub import build_model_card
 from .diagnostics import DiagnosticCallback, DiagnosticsReportCallback, default_callbacks
-from .layout import PaddedPairLayout, PolicyForward
-from .losses import LossOutput, PreferenceBatch, get_loss
+from .layout import NON_MODEL_KEYS, PaddedPairLayout, PolicyForward
+from .losses import PreferenceBatch, get_loss
+from .qlora import prepare_adapter_training
 
 logger = logging.getLogger(__name__)
 
 METRIC_PREFIX = "dpo_plus"
+_TRL_INIT_ARGS = (
+    "data_collator", "train_dataset", "eval_dataset", "processing_class", "compute_metrics", "callbacks",
+    "optimizers", "quantization_config", "peft_config",
+)
 
 
 def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
@@ -67,6 +74,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
     layout = PaddedPairLayout()
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos_args, **kwargs):
+        """Same arguments as `trl.DPOTrainer`; a TRL `DPOConfig` is converted to a `DPOPlusConfig`."""
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = DPOPlusConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-DPO")
@@ -77,11 +85,12 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         self.requires_reference = args.requires_reference
         self.requires_kl = any(spec.requires_kl for spec in self.loss_specs)
 
-        # The dataset is checked on the raw text, before TRL tokenizes it. Positional use mirrors TRL's signature.
-        names = ["data_collator", "train_dataset", "eval_dataset"]
-        for i, value in enumerate(pos_args[: len(names)]):
-            kwargs[names[i]] = value
-        pos_args = pos_args[len(names) :]
+        # Positional arguments as in TRL's signature, so that they can be read and replaced by name
+        if len(pos_args) > len(_TRL_INIT_ARGS):
+            raise TypeError(f"DPOPlusTrainer takes at most {3 + len(_TRL_INIT_ARGS)} positional arguments")
+        kwargs.update(zip(_TRL_INIT_ARGS, pos_args))
+
+        # The dataset is checked on the raw text, before TRL tokenizes it and before any model is loaded
         if kwargs.get("train_dataset") is not None:
             kwargs["train_dataset"] = check_preference_dataset(
                 kwargs["train_dataset"], name="train", drop_degenerate=args.drop_degenerate_pairs
@@ -97,8 +106,13 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 eval_dataset, name="eval", drop_degenerate=args.drop_degenerate_pairs
             )
 
+        if args.qlora or args.lora:
+            model, kwargs["peft_config"], kwargs["quantization_config"] = prepare_adapter_training(
+                model, args, kwargs.get("peft_config"), kwargs.get("quantization_config")
+            )
+
         with self._no_reference_model_loaded(model, ref_model):
-            super().__init__(model, ref_model, args, *pos_args, **kwargs)
+            super().__init__(model, ref_model, args, **kwargs)
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
         self._add_diagnostics(args)
@@ -193,9 +207,9 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
         self._log_metrics(mode, inputs, forward, batch, loss_outputs)
 
-        if return_outputs:
+        if return_outputs:  # deprecated in TRL: the fused LM head builds no logits, so recompute them
             with torch.no_grad():
-                outputs = model(**{k: v for k, v in inputs.items() if k not in _trl_dpo_non_model_keys()})
+                outputs = model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS})
             return loss, outputs
         return loss
 
@@ -283,6 +297,21 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             for key, value in out.metrics.items():
                 metrics[f"{METRIC_PREFIX}/{spec.name}/{key}"].append(gather(value.detach().float().mean()).mean().item())
 
+    # -- Hub-ready output: a card that says how the model was trained -------------------------------------------
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, output_dir=None):
+        """Write `README.md` into `output_dir` (default `args.output_dir`): losses, hyperparameters, reference mode,
+        quantisation, LoRA, training summary and diagnostics (see `trl_dpo_plus.hub.build_model_card`)."""
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else tags
+        card = build_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, output_dir=output_dir)
+        card.save(os.path.join(output_dir or self.args.output_dir, "README.md"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:  # push_to_hub and checkpoints write their own card
+            self.create_model_card(output_dir=output_dir)
+
     def pair_statistics(self, mode: str = "train") -> dict[str, torch.Tensor]:
         """Per-pair statistics gathered since the last log, concatenated: what diagnostics callbacks read."""
         return {key: torch.cat(values) for key, values in self._pair_stats[mode].items() if values}
@@ -299,7 +328,3 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 logs.update({f"eval_{k}": v for k, v in callback.observe_once(step, stats).items()})
         super().log(logs, start_time)
         self._pair_stats[mode].clear()
-
-
-def _trl_dpo_non_model_keys() -> set[str]:
-    return {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}

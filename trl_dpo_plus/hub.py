@@ -1,0 +1,161 @@
+"""Hub-ready output: a model card that says exactly how the model was trained, and merging adapters.
+
+The card is built with `huggingface_hub.ModelCard.from_template` (YAML metadata from `ModelCardData`, body from
+`templates/model_card.md`). `Trainer.save_model` and `push_to_hub` write it; publishing goes through
+`huggingface_hub` as in TRL, with the token from `hub_token`, `HF_TOKEN` or `huggingface-cli login`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from peft import PeftModel
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
+
+
+def _versions() -> dict[str, str]:
+    return {name: version(dist) for name, dist in (("trl_dpo_plus", "trl-dpo-plus"), ("trl", "trl"),
+            ("transformers", "transformers"), ("peft", "peft"), ("torch", "torch"))}
+
+
+def reference_mode(trainer) -> str:
+    """How the reference log-probs were obtained, in words."""
+    if not trainer.requires_reference:
+        return "none (reference-free loss)"
+    if trainer.precompute_ref_logps:
+        return "precomputed before training (log-probs of the initial model)"
+    if trainer.ref_model is not None:
+        synced = f", synced every {trainer.args.ref_model_sync_steps} steps" if trainer.args.sync_ref_model else ""
+        return f"separate frozen copy of the initial model{synced}"
+    if isinstance(trainer.model, PeftModel):
+        if "ref" in trainer.model.peft_config:
+            return "frozen copy of the initial adapter ('ref' adapter)"
+        return "adapter-disabled base model (one model in memory)"
+    return "initial model"
+
+
+def _quantization(model) -> dict | None:
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    keys = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+            "bnb_4bit_quant_storage")
+    return {k: str(config[k]) for k in keys if k in config}
+
+
+def _lora(model) -> dict | None:
+    if not isinstance(model, PeftModel):
+        return None
+    config = model.peft_config["default"]
+    targets = config.target_modules
+    if isinstance(targets, (set, list)):  # PEFT resolves "all-linear" to module paths: list the layer names once
+        targets = sorted({name.rsplit(".", 1)[-1] for name in targets})
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+            "target_modules": targets, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
+
+
+def _final_metrics(trainer) -> dict:
+    logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h and "eval_loss" not in h]
+    return logs[-1] if logs else {}
+
+
+def build_model_card(trainer, model_name: str | None = None, dataset_name: str | None = None,
+                     tags: list[str] | None = None, output_dir: str | None = None) -> ModelCard:
+    """The card for what `trainer` trained, with every loss hyperparameter actually used."""
+    args = trainer.args
+    output_dir = Path(output_dir or args.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = getattr(model.config, "_name_or_path", "") or ""
+    is_adapter = isinstance(model, PeftModel)
+    losses = []
+    for spec, kwargs, weight in zip(trainer.loss_specs, trainer.loss_kwargs, trainer.loss_weights):
+        losses.append({"name": spec.name, "weight": weight, "kwargs": kwargs, "paper": spec.paper,
+                       "formula": spec.formula, "requires_reference": spec.requires_reference,
+                       "kwargs_text": ", ".join(f"{k}={v}" for k, v in kwargs.items())})
+    final = _final_metrics(trainer)
+    training = {
+        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+        "learning_rate": args.learning_rate, "lr_scheduler": str(args.lr_scheduler_type).split(".")[-1].lower(),
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size,
+        "max_length": args.max_length, "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": args.seed,
+        "final reward accuracy": round(final["rewards/accuracies"], 4) if final else None,
+        "final reward margin": round(final["rewards/margins"], 4) if final else None,
+        "final loss": round(final["loss"], 4) if final and "loss" in final else None,
+    }
+    diagnostics = None
+    report_path = Path(args.output_dir) / "diagnostics.json"
+    if report_path.exists():
+        train = json.loads(report_path.read_text()).get("train") or {}
+        summary = {k: f"{v['first']:.4g} → {v['last']:.4g}" for k, v in train.get("summary", {}).items()}
+        plot = Path(args.output_dir) / "diagnostics.png"
+        if plot.exists() and output_dir.resolve() != plot.parent.resolve():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(plot, output_dir / plot.name)
+        diagnostics = {"healthy": train.get("healthy", True), "flags": train.get("flags", []), "summary": summary,
+                       "plot": plot.name if plot.exists() else None}
+
+    loss_names = [loss["name"] for loss in losses]
+    all_tags = list(dict.fromkeys(["trl", "dpo", "trl-dpo-plus", *loss_names, *(tags or []),
+                                   *(["lora"] if is_adapter else []), *(["qlora"] if args.qlora else [])]))
+    metadata = {
+        "loss_type": loss_names, "loss_weights": list(trainer.loss_weights),
+        "loss_kwargs": {loss["name"]: loss["kwargs"] for loss in losses},
+        "reference": reference_mode(trainer), "quantization": _quantization(model), "lora": _lora(model),
+        "steps": trainer.state.global_step,
+        "final_reward_accuracy": training["final reward accuracy"], "final_reward_margin": training["final reward margin"],
+        "diagnostics_flags": [f["flag"] for f in diagnostics["flags"]] if diagnostics else None,
+    }
+    card_data = ModelCardData(
+        base_model=base if base and not os.path.isdir(base) else None,
+        library_name="peft" if is_adapter else "transformers",
+        tags=all_tags, datasets=[dataset_name] if dataset_name else None, model_name=model_name,
+        trl_dpo_plus=metadata,
+    )
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE), model_name=model_name or output_dir.name,
+        base_model_display=base or "unknown", is_adapter=is_adapter, dataset_name=dataset_name, losses=losses,
+        reference_mode=reference_mode(trainer), ld_alpha=args.ld_alpha, f_divergence_type=args.f_divergence_type,
+        use_weighting=args.use_weighting, quantization=metadata["quantization"], lora=metadata["lora"],
+        training=training, diagnostics=diagnostics, versions=_versions(),
+        repo_or_path=args.hub_model_id or str(output_dir),
+    )
+
+
+def merge_and_save(model, output_dir: str | os.PathLike, *, dequantize: bool = False, tokenizer=None,
+                   dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a merged full model (base + LoRA) for people who want one.
+
+    The base is reloaded from its path in `dtype` and the adapter merged into it, so the trained model is left as it
+    is. A 4-bit base is refused unless `dequantize=True`: merging into NF4 weights re-quantises them (lossy), so the
+    base is reloaded unquantised instead, which needs the full-precision weights and the memory for them.
+    """
+    if not isinstance(model, PeftModel):
+        raise TypeError("merge_and_save needs a PeftModel (a model trained with adapters); a full model is already merged")
+    base = model.get_base_model()
+    if (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)) and not dequantize:
+        raise ValueError(
+            "The base model is quantised (4/8-bit). Merging into quantised weights loses precision, so merge_and_save "
+            "reloads the base unquantised: pass dequantize=True to accept that (it needs the full-precision weights "
+            "and the memory for them), or publish the adapter as it is."
+        )
+    from peft import AutoPeftModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, selected_adapters=["default"])
+        merged = AutoPeftModelForCausalLM.from_pretrained(tmp, dtype=dtype).merge_and_unload()
+    output_dir = Path(output_dir)
+    merged.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return output_dir
