@@ -91,3 +91,43 @@ def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: b
             if len(dataset) == 0:
                 raise ValueError(f"Every pair of the {name} dataset was empty or identical; nothing is left to train on")
     return dataset
+
+
+DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_preference_dataset(name_or_path: str, config: str | None = None, streaming: bool = False):
+    """A `DatasetDict` from a local JSON/JSONL/Parquet/CSV file, a folder of them (split = file name before the first
+    '-', '_' or '.': `train.jsonl`, `test-00000.parquet`), a folder written by `save_to_disk`, or a Hub dataset id."""
+    import os
+    import re
+    from pathlib import Path
+
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        kind = DATA_FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            raise ValueError(f"Dataset file {path} has an unsupported type; use one of {sorted(DATA_FILE_TYPES)}")
+        return load_dataset(kind, data_files={"train": str(path)}, streaming=streaming)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+            return load_from_disk(str(path))
+        files: dict[str, list[str]] = {}
+        kinds = set()
+        for file in sorted(path.iterdir()):
+            if file.suffix.lower() in DATA_FILE_TYPES:
+                split = re.split(r"[-_.]", file.name, maxsplit=1)[0]
+                files.setdefault(split, []).append(str(file))
+                kinds.add(DATA_FILE_TYPES[file.suffix.lower()])
+        if not files:
+            raise ValueError(f"Dataset folder {path} holds no {'/'.join(sorted(DATA_FILE_TYPES))} files")
+        if len(kinds) > 1:
+            raise ValueError(f"Dataset folder {path} mixes file types {sorted(kinds)}; keep one type per folder")
+        return load_dataset(kinds.pop(), data_files=files, streaming=streaming)
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] \
+        or path.suffix.lower() in DATA_FILE_TYPES
+    if looks_local:
+        raise FileNotFoundError(f"Dataset path {name_or_path!r} does not exist")
+    return load_dataset(name_or_path, name=config, streaming=streaming)

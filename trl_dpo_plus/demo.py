@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--pairs_per_prompt", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max_new_tokens", type=int, default=40)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.getLogger("trl_dpo_plus").setLevel(logging.ERROR)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             output_dir=str(out_dir / loss), loss_type=loss, num_train_epochs=args.epochs, learning_rate=args.learning_rate,
             per_device_train_batch_size=16, lr_scheduler_type="constant", warmup_steps=0, logging_steps=5,
             gradient_checkpointing=False, save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True,
-            max_length=128,
+            max_length=128, lora=args.lora,
         )
         trainer = DPOTrainer(model_path, args=config, train_dataset=pairs, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)

@@ -72,6 +72,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
     _tag_names = ["trl", "dpo", "trl-dpo-plus"]
     layout = PaddedPairLayout()
+    instances_created = 0  # read by `trl-dpo-plus run` to check that a script really used this trainer
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos_args, **kwargs):
         """Same arguments as `trl.DPOTrainer`; a TRL `DPOConfig` is converted to a `DPOPlusConfig`."""
@@ -113,6 +114,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
         with self._no_reference_model_loaded(model, ref_model):
             super().__init__(model, ref_model, args, **kwargs)
+        DPOPlusTrainer.instances_created += 1
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
         self._add_diagnostics(args)

@@ -14,6 +14,7 @@ def apo_zero(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """APO-zero — D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266 (Eq. 7).
 
     Loss: (1 − σ(βΔw)) + σ(βΔl)
+    Use: when the chosen outputs are better than what your model writes now.
 
     Raises chosen and lowers rejected likelihood: for chosen outputs better than the model's own.
     """
@@ -26,6 +27,7 @@ def apo_down(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """APO-down — D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266 (Eq. 8).
 
     Loss: σ(βΔw) + (1 − σ(β(Δw − Δl)))
+    Use: when the chosen outputs are worse than what your model writes now.
 
     Lowers both likelihoods, the rejected more: for chosen outputs worse than the model's own.
     """

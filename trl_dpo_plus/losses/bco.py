@@ -14,6 +14,7 @@ def bco_pair(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """BCO (pairwise) — Jung et al. 2024, https://arxiv.org/abs/2404.04656.
 
     Loss: −logσ(βΔw) − logσ(−βΔl)
+    Use: when you want each completion judged on its own (binary classifier view); also in MPO mixes.
 
     Deviation from the paper: no running-mean reward shift δ (as TRL's DPOTrainer `bco_pair`).
     """

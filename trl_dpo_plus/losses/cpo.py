@@ -19,6 +19,7 @@ def cpo(batch: PreferenceBatch, *, beta: float = 0.1, alpha: float = 1.0) -> Los
     """CPO — Xu et al. 2024, https://arxiv.org/abs/2401.08417 (Eq. 5).
 
     Loss: −logσ(β·(lw − ll)) + α·NLL_w
+    Use: when reference-free DPO with an NLL term (machine translation in the paper).
 
     DPO with the reference dropped (a uniform prior), plus the chosen NLL as a behaviour-cloning regulariser.
     α is TRL's `cpo_alpha` (default 1.0); β default 0.1. Reward: β·lw, as TRL's CPOTrainer logs.

@@ -32,6 +32,7 @@ def sigmoid(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """DPO — Rafailov et al. 2023, https://arxiv.org/abs/2305.18290 (Eq. 7).
 
     Loss: −logσ(β·(Δw − Δl)), Δ = log π(y|x) − log π_ref(y|x)
+    Use: when the default; start here with β≈0.1.
 
     β typically 0.01–0.5 (0.1 is the paper's and TRL's default). Same numbers as TRL's `loss_type="sigmoid"`.
     """
@@ -49,6 +50,7 @@ def hinge(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """SLiC/RSO hinge — Liu et al. 2023, https://arxiv.org/abs/2309.06657.
 
     Loss: relu(1 − β·(Δw − Δl))
+    Use: when you want zero loss once the margin reaches 1/β (SLiC-style), e.g. noisy rankings from a reward model.
 
     β is the inverse margin (1/β is the log-ratio gap at which the loss is zero); TRL default 0.1.
     """
@@ -66,6 +68,7 @@ def robust(batch: PreferenceBatch, *, beta: float = 0.1, label_smoothing: float 
     """Robust DPO — Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409.
 
     Loss: (−(1−ε)·logσ(βh) + ε·logσ(−βh)) / (1 − 2ε), h = Δw − Δl, ε = label_smoothing
+    Use: when your preference labels are noisy; set label_smoothing to the flip rate (≈0.1).
 
     ε is the probability that a label is flipped, in [0, 0.5); the paper suggests ε ≈ 0.1. ε = 0 is plain DPO.
     """
@@ -86,6 +89,7 @@ def exo_pair(batch: PreferenceBatch, *, beta: float = 0.1, label_smoothing: floa
     """EXO (pairwise) — Ji et al. 2024, https://arxiv.org/abs/2402.00856 (Eq. 16).
 
     Loss: σ(βh)·(logσ(βh) − log(1−ε)) + σ(−βh)·(logσ(−βh) − log ε), h = Δw − Δl
+    Use: when you want mode-seeking alignment rather than DPO's mass-covering behaviour.
 
     The reverse KL from the model's pair distribution to the smoothed label [1−ε, ε]. ε must be > 0; the paper
     recommends 1e-3.
@@ -109,6 +113,7 @@ def discopop(batch: PreferenceBatch, *, beta: float = 0.1, tau: float = 0.05) ->
     """DiscoPOP (log-ratio modulated loss) — Chan Lu et al. 2024, https://arxiv.org/abs/2406.08414 (Eq. 5).
 
     Loss: (1 − m)·(−logσ(βh)) + m·exp(−βh), m = σ(βh/τ), h = Δw − Δl
+    Use: when you want DPO with a softer push on pairs it already gets right (discovered objective, τ=0.05).
 
     τ (TRL's `discopop_tau`) = 0.05 as recommended by the paper. Deviation from TRL, numerics only: m·exp(−βh) is
     computed as exp(logσ(βh/τ) − βh), which is finite where TRL's product gives 0·∞ = NaN (βh ≲ −88 in float32).
@@ -130,6 +135,7 @@ def aot(batch: PreferenceBatch, *, beta: float = 0.1, label_smoothing: float = 0
     """AOT (paired) — Melnyk et al. 2024, https://arxiv.org/abs/2406.05882.
 
     Loss: −(1−ε)·logσ(βδ_(i)) − ε·logσ(−βδ_(i)), δ_(i) = sort(lw − ll)_i − sort(rw − rl)_i
+    Use: when large batches (≥8) and you want distributional rather than per-pair alignment.
 
     Optimal-transport distributional alignment: the policy and reference log-odds are each sorted across the batch,
     so position i is not pair i; the mean over the batch is the loss. Use batch sizes of 8 or more.
@@ -151,6 +157,7 @@ def aot_unpaired(batch: PreferenceBatch, *, beta: float = 0.1, label_smoothing: 
     """AOT (unpaired) — Melnyk et al. 2024, https://arxiv.org/abs/2406.05882.
 
     Loss: −(1−ε)·logσ(βδ_(i)) − ε·logσ(−βδ_(i)), δ_(i) = sort(Δw)_i − sort(Δl)_i
+    Use: when chosen and rejected completions are not really paired.
 
     Chosen and rejected log-ratios are sorted separately across the batch (for unpaired data); batch-level.
     """

@@ -20,6 +20,7 @@ def dpop(batch: PreferenceBatch, *, beta: float = 0.1, lambda_: float = 50.0) ->
     """DPO-Positive — Pal et al. 2024, https://arxiv.org/abs/2402.13228 (Eq. 3).
 
     Loss: −logσ(β·(Δw − Δl − λ·max(0, rw − lw)))
+    Use: when chosen log-probs fall below the reference (small edit-distance pairs, maths); λ penalises that.
 
     The penalty sits inside the sigmoid, as in the paper (some community versions put it outside). The paper
     reports λ between 5 and 500 (50 for MetaMath); very large λ has diverged in user reports. `lambda_` because

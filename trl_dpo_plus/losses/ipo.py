@@ -18,6 +18,7 @@ def ipo(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """IPO, length-normalised (TRL's form) — Azar et al. 2023, https://arxiv.org/abs/2310.12036 (Eq. 17).
 
     Loss: (Δw/|yw| − Δl/|yl| − 1/(2β))²
+    Use: when DPO overfits (margins run away on deterministic preferences); IPO regularises towards a fixed gap.
 
     Deviation from the paper: Eq. 17 uses summed log-probs; like TRL (whose comment says the authors confirmed it),
     this divides each log-ratio by its completion length so β is comparable across lengths. The paper's form is
@@ -33,6 +34,7 @@ def ipo_sum(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """IPO as printed in the paper (summed log-probs) — Azar et al. 2023, https://arxiv.org/abs/2310.12036 (Eq. 17).
 
     Loss: (Δw − Δl − 1/(2β))²
+    Use: when you need the paper's exact IPO (summed log-probs), e.g. to reproduce its numbers.
 
     The target gap 1/(2β) is in summed nats, so it does not scale with completion length; prefer `ipo` for
     completions of varied length. β is the paper's τ.

@@ -21,6 +21,7 @@ def kto_pair(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """KTO on pairs — Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306 (HALOs Eq. 7; old TRL `kto_pair`).
 
     Loss: ½·[(1 − σ(β(Δw − z_l))) + (1 − σ(β(z_w − Δl)))], z = clamp(mean Δ, min=0), detached
+    Use: when you want KTO's prospect-theoretic loss on paired data; robust to noisy, intransitive preferences.
 
     The chosen half is measured against the rejected side's KL baseline z_l and vice versa. z_w, z_l are the means
     of Δw, Δl over the global batch (the trainer gathers them across processes into `chosen_kl`/`rejected_kl`), or

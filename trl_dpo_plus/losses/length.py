@@ -24,6 +24,7 @@ def sigmoid_norm(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """Length-normalised DPO, TRL's name and default β — Tülu 3, https://arxiv.org/abs/2411.15124 (Eq. 6).
 
     Loss: −logσ(β·(Δw/|yw| − Δl/|yl|))
+    Use: when completion lengths vary and DPO learns to prefer length; TRL's name and β default.
 
     Same numbers as TRL's `loss_type="sigmoid_norm"`. Per-token log-ratios are small, so β is usually far larger
     than DPO's: Tülu 3 used β = 5; see `ln_dpo`, which defaults to it.
@@ -43,6 +44,7 @@ def ln_dpo(batch: PreferenceBatch, *, beta: float = 5.0) -> LossOutput:
     """LN-DPO (length-normalised DPO) — Tülu 3, https://arxiv.org/abs/2411.15124 (Eq. 6).
 
     Loss: −logσ(β·(Δw/|yw| − Δl/|yl|))
+    Use: when the same, with Tülu 3's β=5 as the default.
 
     The same function as `sigmoid_norm` with Tülu 3's β = 5 as the default (typical 2–10).
     """
@@ -59,6 +61,7 @@ def rdpo(batch: PreferenceBatch, *, beta: float = 0.1, alpha: float = 0.01) -> L
     """R-DPO (length-regularised DPO) — Park et al. 2024, https://arxiv.org/abs/2403.19159 (Eq. 9).
 
     Loss: −logσ(β(Δw − Δl) + α(|yw| − |yl|))
+    Use: when the margin is explained by length (see the length-bias diagnostic); α penalises length in the reward.
 
     Derivation: with the length-penalised reward r − α|y|, the optimal policy gives r = β·Δ + α|y| + β·log Z, so the
     Bradley-Terry logit gains +α(|yw| − |yl|): a longer chosen already "explains" part of the preference, and the

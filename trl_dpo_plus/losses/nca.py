@@ -14,6 +14,7 @@ def nca_pair(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """NCA (pairwise) — Chen et al. 2024, https://arxiv.org/abs/2402.05369.
 
     Loss: −logσ(βΔw) − ½·logσ(−βΔw) − ½·logσ(−βΔl)
+    Use: when the chosen likelihood keeps falling under DPO; NCA anchors absolute likelihoods.
 
     Optimises absolute likelihoods rather than only their gap, so the chosen log-prob is less prone to fall.
     """

@@ -23,6 +23,7 @@ def orpo(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """ORPO — Hong et al. 2024, https://arxiv.org/abs/2403.07691 (Eq. 6–7).
 
     Loss: NLL_w − β·logσ((pw − pl) − (log(1 − e^pw) − log(1 − e^pl))), p = mean token log-prob
+    Use: when you want SFT and preference tuning in one stage without a reference model.
 
     β is the paper's λ (TRL's ORPO `beta`), 0.1 by default (paper: 0.1–0.5 ... 1.0). NLL_w is the token-mean
     cross-entropy over the batch's chosen completions, as in TRL. Reward: β·p, as TRL's ORPOTrainer logs.

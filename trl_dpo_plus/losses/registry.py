@@ -82,6 +82,13 @@ class LossSpec:
                 return line.removeprefix("Loss:").strip()
         return ""
 
+    @property
+    def use_when(self) -> str:
+        for line in _doc_lines(self.fn):
+            if line.startswith("Use:"):
+                return line.removeprefix("Use:").strip()
+        return ""
+
     def __call__(self, batch: PreferenceBatch, **kwargs: Any) -> LossOutput:
         return self.fn(batch, **kwargs)
 

@@ -19,6 +19,7 @@ def simpo(batch: PreferenceBatch, *, beta: float = 2.0, gamma: float = 1.0) -> L
     """SimPO — Meng et al. 2024, https://arxiv.org/abs/2405.14734 (Eq. 6).
 
     Loss: −logσ(β·lw/|yw| − β·ll/|yl| − γ)
+    Use: when memory or speed matters (no reference model) and lengths vary; needs a higher β (2–10).
 
     γ is the absolute target margin, as in the paper's Eq. 6 and TRL's CPO `simpo_gamma`; princeton-nlp/SimPO's
     code takes γ/β (`gamma_beta_ratio`) instead. Defaults β = 2.0, γ = 1.0, i.e. γ/β = 0.5, where the SimPO README

@@ -12,6 +12,7 @@ def sppo_hard(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """SPPO (hard labels) — Wu et al. 2024, https://arxiv.org/abs/2405.00675 (Eq. 4.7 with P ∈ {0, 1}).
 
     Loss: (Δw − 1/(2β))² + (Δl + 1/(2β))²
+    Use: when self-play iterations where chosen/rejected come from the current policy.
 
     The paper estimates P(y ≻ π) with PairRM; the hard version sets it to 1 for the winner and 0 for the loser, as
     TRL's `sppo_hard` does.

@@ -1,0 +1,115 @@
+"""The command line: train from a local dataset or a YAML config, the registry listing, argparse-style errors,
+and `run` executing an unchanged TRL script with a registry-only loss."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from trl_dpo_plus.cli import main
+from conftest import make_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def pairs_dir(tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    make_pairs(16).to_json(folder / "train.jsonl")
+    make_pairs(8, seed=5).to_json(folder / "test.jsonl")
+    return folder
+
+
+def test_losses_lists_the_registry(capsys):
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert "simpo         yes             beta=2.0, gamma=1.0" in out
+    assert "sigmoid       no              beta=0.1" in out and "https://arxiv.org/abs/2305.18290" in out
+
+
+def test_train_from_a_local_folder(tiny_models, pairs_dir, tmp_path):
+    out = tmp_path / "out"
+    code = main(["train", "--model_name_or_path", tiny_models["llama"], "--dataset_name", str(pairs_dir),
+                 "--loss_type", "simpo", "--loss_kwargs", '{"simpo": {"gamma": 0.5}}', "--lora", "--max_steps", "2",
+                 "--per_device_train_batch_size", "4", "--output_dir", str(out), "--report_to", "none",
+                 "--logging_steps", "1", "--lora_r", "8"])
+    assert code == 0
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["datasets"] == [str(pairs_dir)] and card["trl_dpo_plus"]["loss_kwargs"] == {"simpo": {"beta": 2.0, "gamma": 0.5}}
+    assert card["trl_dpo_plus"]["lora"]["r"] == 8  # the --lora_r flag reached the preset
+    assert (out / "adapter_model.safetensors").exists() and (out / "diagnostics.json").exists()
+
+
+def test_train_from_a_yaml_config(tiny_models, pairs_dir, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "recipe.yaml").write_text(
+        f"model_name_or_path: {tiny_models['llama']}\ndataset_name: {pairs_dir / 'train.jsonl'}\nloss_type: [ipo]\n"
+        f"beta: 0.5\nmax_steps: 1\nper_device_train_batch_size: 4\noutput_dir: {out}\nreport_to: none\n"
+    )
+    assert main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 0
+    assert ModelCard.load(out / "README.md").data.to_dict()["trl_dpo_plus"]["loss_kwargs"] == {"ipo": {"beta": 0.5}}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--loss_type", "simp"], "invalid choice: 'simp' (choose from 'aot'"),
+        (["--los_type", "simpo"], "unrecognized arguments: --los_type simpo (did you mean --loss_type?)"),
+        (["--diagnostics_action", "explode"], "invalid choice: 'explode' (choose from 'warn', 'stop', 'checkpoint')"),
+        (["--dataset_name", "./missing/pairs.jsonl"], "Dataset path './missing/pairs.jsonl' does not exist"),
+    ],
+)
+def test_bad_arguments_give_argparse_messages(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--output_dir", str(tmp_path), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dataset_without_the_columns_says_which(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset_name", str(tmp_path / "bad.jsonl"), "--output_dir", str(tmp_path)])
+    assert "has ['question', 'answer']" in capsys.readouterr().err
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "trl_dpo_plus.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_run_executes_an_unchanged_trl_script_with_a_registry_loss(tiny_models, pairs_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("run", str(ROOT / "examples" / "trl_dpo_script.py"), "--model_name_or_path", tiny_models["llama"],
+                     "--dataset_name", str(pairs_dir), "--loss_type", "simpo", "--max_steps", "2",
+                     "--per_device_train_batch_size", "4", "--output_dir", str(out), "--report_to", "none",
+                     "--use_cpu", "true", "--bf16", "false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.to_dict()["trl_dpo_plus"]["loss_type"] == ["simpo"]
+    assert "none (reference-free loss)" in card.text
+    # the same script under plain TRL does not know the loss
+    plain = subprocess.run([sys.executable, str(ROOT / "examples" / "trl_dpo_script.py"), "--model_name_or_path",
+                            tiny_models["llama"], "--dataset_name", str(pairs_dir), "--loss_type", "simpo",
+                            "--max_steps", "1", "--output_dir", str(tmp_path / "plain"), "--report_to", "none",
+                            "--use_cpu", "true", "--bf16", "false"], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert plain.returncode != 0 and "simpo" in plain.stderr
+
+
+def test_run_refuses_missing_and_non_dpo_scripts(tmp_path):
+    result = run_cli("run", str(tmp_path / "nope.py"), cwd=tmp_path)
+    assert result.returncode == 2 and "no such script" in result.stderr
+    (tmp_path / "sft.py").write_text("from trl import SFTTrainer\nprint('hi')\n")
+    result = run_cli("run", str(tmp_path / "sft.py"), cwd=tmp_path)
+    assert result.returncode == 2 and "does not use TRL's DPOTrainer" in result.stderr
+    (tmp_path / "fake.py").write_text("# mentions DPOTrainer but never builds one\nprint('hi')\n")
+    result = run_cli("run", str(tmp_path / "fake.py"), cwd=tmp_path)
+    assert result.returncode == 3 and "without creating a DPOTrainer" in result.stderr
