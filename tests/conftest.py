@@ -80,3 +80,14 @@ def tiny_models(tmp_path_factory, tokenizer):
         tokenizer.save_pretrained(root / name)
         paths[name] = str(root / name)
     return paths
+
+
+@pytest.fixture
+def clean_registry():
+    """Registrations made by a test are undone after it."""
+    from trl_dpo_plus.losses import registry
+
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from trl_dpo_plus import list_losses
-from trl_dpo_plus.losses import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md"))
@@ -24,14 +23,6 @@ def test_docs_build_strictly(tmp_path):
     losses_page = (tmp_path / "site" / "losses" / "index.html").read_text()
     for name in list_losses():
         assert f"<code>{name}</code>" in losses_page, name
-
-
-@pytest.fixture
-def clean_registry():
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if SNIPPET.search(p.read_text())], ids=lambda p: p.name)

@@ -8,14 +8,6 @@ import trl_dpo_plus.losses.registry as registry
 from trl_dpo_plus.losses import LossOutput, PreferenceBatch, get_loss, list_losses, register_loss, validate_loss_kwargs
 
 
-@pytest.fixture
-def clean_registry():
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
-
-
 def test_duplicate_name_raises(clean_registry):
     with pytest.raises(ValueError, match="already registered"):
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
 
 from .assets import default_model_path
 
@@ -131,6 +132,53 @@ class Result:
     flags: int
 
 
+class _StepBar(TrainerCallback):
+    """One tqdm bar per training run, showing the loss and reward accuracy."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc=f"  train {self.label:<9}", leave=False, unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "rewards/accuracies" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}" if "loss" in logs else "", acc=f"{logs['rewards/accuracies']:.2f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def plot_results(results: list[Result], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [r.loss for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    axes[0].bar(names, [r.reward_before for r in results], color="lightgrey", label="base")
+    axes[0].bar(names, [r.reward_after for r in results], color="tab:blue", alpha=0.8, label="trained")
+    axes[0].set_title("rule reward (happy − sad words)")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(names, [r.win_rate for r in results], color="tab:green")
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("win-rate vs base (ties ½)")
+    axes[2].bar(names, [r.kl for r in results], color="tab:orange")
+    axes[2].set_title("KL(π‖π_base), nats / completion")
+    fig.suptitle("trl-dpo-plus demo: stories260K, held-out prompts, fresh samples", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def win_rate(after: list[list[str]], before: list[list[str]]) -> tuple[float, float]:
     wins = ties = total = 0
     for a_list, b_list in zip(after, before):
@@ -159,12 +207,19 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--pairs_per_prompt", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max_new_tokens", type=int, default=40)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="default 1e-4 for full fine-tuning, 5e-4 with --lora")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.getLogger("trl_dpo_plus").setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is fully offline
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,17 +241,20 @@ def main(argv: list[str] | None = None) -> list[Result]:
           f"({time.time() - t0:.1f}s). Held-out: {len(eval_prompts)} prompts × {args.samples_per_prompt} samples.")
     pairs.to_json(out_dir / "pairs.jsonl")
 
+    learning_rate = args.learning_rate or (5e-4 if args.lora else 1e-4)
     results = []
-    for loss in args.losses:
+    for loss in tqdm(args.losses, desc="losses", unit="loss"):
         t1 = time.time()
         config = DPOConfig(
-            output_dir=str(out_dir / loss), loss_type=loss, num_train_epochs=args.epochs, learning_rate=args.learning_rate,
-            per_device_train_batch_size=16, lr_scheduler_type="constant", warmup_steps=0, logging_steps=5,
-            gradient_checkpointing=False, save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True,
+            output_dir=str(out_dir / loss), loss_type=loss, num_train_epochs=args.epochs, learning_rate=learning_rate,
+            per_device_train_batch_size=16, lr_scheduler_type="constant", warmup_steps=0, logging_steps=3,
+            gradient_checkpointing=False, save_strategy="no", report_to=[], seed=args.seed,
             max_length=128, lora=args.lora,
         )
         trainer = DPOTrainer(model_path, args=config, train_dataset=pairs, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_StepBar(loss))
         trainer.train()
         policy = trainer.model.eval()
         after = sample(policy, tokenizer, eval_prompts, args.samples_per_prompt, args.max_new_tokens, args.seed + 2)
@@ -206,21 +264,31 @@ def main(argv: list[str] | None = None) -> list[Result]:
               - completion_logps(base, tokenizer, flat_prompts, flat_after)).mean().item()
         wr, ties = win_rate(after, before)
         logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
+        seconds = time.time() - t1
+        trainer.save_model()  # the model (or adapter) with its model card, next to diagnostics.json/.png
+        trainer.create_model_card(dataset_name="trl-dpo-plus demo pairs (stories260K samples, happy-words rule)")
+        report = json.loads((out_dir / loss / "diagnostics.json").read_text())
         results.append(Result(
             loss=loss, reward_before=mean_reward(before), reward_after=mean_reward(after), win_rate=wr, ties=ties,
             kl=kl, reward_accuracy=logs[-1]["rewards/accuracies"], margin=logs[-1]["rewards/margins"],
-            seconds=time.time() - t1, flags=0,
+            seconds=seconds, flags=len(report["train"]["flags"]),
         ))
-        print(f"  {loss:<10} trained {trainer.state.global_step} steps in {time.time() - t1:.1f}s")
+        tqdm.write(f"  {loss:<10} {trainer.state.global_step} steps, {seconds:.0f}s, "
+                   f"win-rate {wr:.2f}, KL {kl:.1f} nats, flags {results[-1].flags}")
 
-    header = f"{'loss':<10} {'reward before → after':>22} {'win-rate':>9} {'ties':>6} {'KL(nats)':>9} {'acc':>5} {'margin':>7} {'time':>6}"
-    print("\nHeld-out prompts, fresh samples; win-rate vs the base model's samples (ties count ½):")
-    print(header)
+    mode = "LoRA adapters" if args.lora else "full fine-tuning"
+    print(f"\n{mode}, lr {learning_rate:g}, {args.epochs:g} epochs. Held-out prompts, fresh samples; win-rate vs the "
+          "base model's samples (ties count ½); KL(π‖π_base) in nats per completion:")
+    print(f"{'loss':<10} {'reward before → after':>22} {'win-rate':>9} {'ties':>6} {'KL':>7} {'train acc':>10} "
+          f"{'margin':>7} {'flags':>6} {'time':>6}")
     for r in results:
         print(f"{r.loss:<10} {r.reward_before:>10.2f} → {r.reward_after:<9.2f} {r.win_rate:>9.2f} {r.ties:>6.2f} "
-              f"{r.kl:>9.2f} {r.reward_accuracy:>5.2f} {r.margin:>7.2f} {r.seconds:>5.0f}s")
+              f"{r.kl:>7.1f} {r.reward_accuracy:>10.2f} {r.margin:>7.2f} {r.flags:>6} {r.seconds:>5.0f}s")
     (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    print(f"\nResults: {out_dir / 'results.json'}; total {time.time() - t0:.0f}s")
+    plot = plot_results(results, out_dir / "demo.png")
+    print(f"\nWritten to {out_dir}/: results.json{', demo.png' if plot else ''}, pairs.jsonl, and per loss the "
+          f"trained {'adapter' if args.lora else 'model'} with its README.md model card and diagnostics.json/.png. "
+          f"Total {time.time() - t0:.0f}s.")
     return results
 
 

@@ -72,29 +72,24 @@ class LossSpec:
         }
 
     @property
-    def title(self) -> str:
-        return _doc_lines(self.fn)[0] if _doc_lines(self.fn) else self.name
-
-    @property
     def formula(self) -> str:
-        for line in _doc_lines(self.fn):
-            if line.startswith("Loss:"):
-                return line.removeprefix("Loss:").strip()
-        return ""
+        """The docstring's `Loss:` line: the formula in one line of Unicode math."""
+        return _doc_field(self.fn, "Loss:")
 
     @property
     def use_when(self) -> str:
-        for line in _doc_lines(self.fn):
-            if line.startswith("Use:"):
-                return line.removeprefix("Use:").strip()
-        return ""
+        """The docstring's `Use:` line: when to pick this loss."""
+        return _doc_field(self.fn, "Use:")
 
     def __call__(self, batch: PreferenceBatch, **kwargs: Any) -> LossOutput:
         return self.fn(batch, **kwargs)
 
 
-def _doc_lines(fn: Callable) -> list[str]:
-    return [line.strip() for line in (inspect.getdoc(fn) or "").splitlines() if line.strip()]
+def _doc_field(fn: Callable, prefix: str) -> str:
+    for line in (inspect.getdoc(fn) or "").splitlines():
+        if line.strip().startswith(prefix):
+            return line.strip().removeprefix(prefix).strip()
+    return ""
 
 
 _REGISTRY: dict[str, LossSpec] = {}

@@ -1,0 +1,47 @@
+"""The demo's pieces (rule, pairs, win-rate, KL) checked exactly, and a small end-to-end run writing every artefact."""
+
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+
+from trl_dpo_plus import demo
+
+
+def test_lexicon_rule():
+    assert demo.lexicon_reward("Lily smiled and hugged her friend. She was happy!") == 4
+    assert demo.lexicon_reward("Tom was sad and cried, then he laughed.") == -1
+    assert demo.lexicon_reward("The ball was red.") == 0
+
+
+def test_pairs_are_best_vs_worst_and_skip_ties():
+    samples = [["happy happy", "sad", "plain", "happy"], ["plain", "the end"]]
+    pairs = demo.build_pairs(["p1", "p2"], samples, pairs_per_prompt=2).to_list()
+    assert pairs == [{"prompt": "p1", "chosen": "happy happy", "rejected": "sad"},
+                     {"prompt": "p1", "chosen": "happy", "rejected": "plain"}]  # p2 ties everywhere: no pair
+
+
+def test_win_rate_counts_ties_as_half():
+    wr, ties = demo.win_rate([["happy", "plain", "sad"]], [["plain", "plain", "happy"]])
+    assert wr == pytest.approx((1 + 0.5 + 0) / 3) and ties == pytest.approx(1 / 3)
+
+
+def test_held_out_prompts_share_no_names_or_things_with_training():
+    train = " ".join(demo.story_prompts(held_out=False, n=40, seed=0))
+    for prompt in demo.story_prompts(held_out=True, n=10, seed=1):
+        name = [w for w in prompt.replace(".", " ").split() if w in demo.NAMES][0]
+        assert name not in train
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small(tmp_path):
+    results = demo.main(["--losses", "sigmoid", "simpo", "--train_prompts", "16", "--eval_prompts", "4",
+                         "--samples_per_prompt", "6", "--epochs", "1", "--output_dir", str(tmp_path), "--lora"])
+    assert [r.loss for r in results] == ["sigmoid", "simpo"]
+    for r in results:
+        assert 0 <= r.win_rate <= 1 and r.seconds > 0 and r.kl == r.kl
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved[0]["loss"] == "sigmoid" and (tmp_path / "demo.png").stat().st_size > 10_000
+    card = ModelCard.load(tmp_path / "simpo" / "README.md")
+    assert card.data.to_dict()["library_name"] == "peft" and (tmp_path / "simpo" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "sigmoid" / "diagnostics.png").exists()
