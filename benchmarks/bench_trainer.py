@@ -77,12 +77,21 @@ def build(variant, model_path, data, args, steps):
     return trainer
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Not ru_maxrss: Linux keeps that across execve, so a child started from a
+    big parent would report the parent's peak; VmHWM belongs to the new address space."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory(variant, model_path, args):
-    """Train once in a fresh process and report its peak memory in MiB."""
+    """Train once in a fresh process; its peak memory and the weights it holds (policy + reference), in MiB."""
     out = subprocess.run([sys.executable, __file__, "--_memory_child", variant, "--_model", model_path,
                           *[f"--{k}={v}" for k, v in vars(args).items() if not k.startswith("_")]],
                          capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -105,9 +114,10 @@ def main():
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        print(json.dumps({"peak_mib": peak}))
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
+        models = [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+        weights = sum(t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()]) / 2**20
+        print(json.dumps({"peak_mib": peak, "weights_mib": weights}))
         return
 
     model_path = tempfile.mkdtemp()
@@ -130,11 +140,13 @@ def main():
     memory = {v: peak_memory(v, model_path, args) for v in VARIANTS}
 
     base = "trl-sigmoid"
-    print(f"\n{'variant':<14} {'median step':>12} {'vs trl-sigmoid':>15} {'peak memory':>12} {'vs trl-sigmoid':>15}")
+    peak_label = "peak GPU memory" if torch.cuda.is_available() else "peak RSS"
+    print(f"\n{'variant':<14} {'median step':>12} {'speed':>7} {peak_label:>16} {'ratio':>6} {'weights held':>13} {'ratio':>6}")
     for v in VARIANTS:
-        print(f"{v:<14} {median[v] * 1000:>10.0f}ms {median[base] / median[v]:>14.2f}x {memory[v]:>9.0f}MiB "
-              f"{memory[v] / memory[base]:>14.2f}x")
-    print("(speed column: >1 is faster than TRL; memory column: <1 uses less)")
+        peak, weights = memory[v]["peak_mib"], memory[v]["weights_mib"]
+        print(f"{v:<14} {median[v] * 1000:>10.0f}ms {median[base] / median[v]:>6.2f}x {peak:>13.0f}MiB "
+              f"{peak / memory[base]['peak_mib']:>6.2f} {weights:>10.0f}MiB {weights / memory[base]['weights_mib']:>6.2f}")
+    print("(speed: >1 is faster than trl-sigmoid; memory ratios: <1 uses less. Weights held = policy + reference.)")
 
 
 if __name__ == "__main__":

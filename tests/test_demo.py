@@ -36,7 +36,7 @@ def test_held_out_prompts_share_no_names_or_things_with_training():
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
     results = demo.main(["--losses", "sigmoid", "simpo", "--train_prompts", "16", "--eval_prompts", "4",
-                         "--samples_per_prompt", "6", "--epochs", "1", "--output_dir", str(tmp_path), "--lora"])
+                         "--samples_per_prompt", "6", "--epochs", "1", "--output_dir", str(tmp_path)])
     assert [r.loss for r in results] == ["sigmoid", "simpo"]
     for r in results:
         assert 0 <= r.win_rate <= 1 and r.seconds > 0 and r.kl == r.kl

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,9 +162,11 @@ def plot_results(results: list[Result], path: Path) -> Path | None:
     except ImportError:
         return None
     names = [r.loss for r in results]
+    x = list(range(len(names)))
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    axes[0].bar(names, [r.reward_before for r in results], color="lightgrey", label="base")
-    axes[0].bar(names, [r.reward_after for r in results], color="tab:blue", alpha=0.8, label="trained")
+    axes[0].bar([i - 0.2 for i in x], [r.reward_before for r in results], width=0.4, color="lightgrey", label="base")
+    axes[0].bar([i + 0.2 for i in x], [r.reward_after for r in results], width=0.4, color="tab:blue", label="trained")
+    axes[0].set_xticks(x, names)
     axes[0].set_title("rule reward (happy − sad words)")
     axes[0].legend(fontsize=8)
     axes[1].bar(names, [r.win_rate for r in results], color="tab:green")
@@ -208,11 +211,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max_new_tokens", type=int, default=40)
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help="default 1e-4 for full fine-tuning, 5e-4 with --lora")
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full model")
+                        help="default 3e-4 for LoRA adapters, 1e-4 with --full_finetune")
+    parser.add_argument("--full_finetune", action="store_true", help="train the whole model instead of LoRA adapters")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.getLogger("trl_dpo_plus").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is fully offline
     import datasets
     import transformers
@@ -241,15 +245,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
           f"({time.time() - t0:.1f}s). Held-out: {len(eval_prompts)} prompts × {args.samples_per_prompt} samples.")
     pairs.to_json(out_dir / "pairs.jsonl")
 
-    learning_rate = args.learning_rate or (5e-4 if args.lora else 1e-4)
-    results = []
+    lora = not args.full_finetune
+    learning_rate = args.learning_rate or (3e-4 if lora else 1e-4)
+    results, examples = [], {}
     for loss in tqdm(args.losses, desc="losses", unit="loss"):
         t1 = time.time()
         config = DPOConfig(
             output_dir=str(out_dir / loss), loss_type=loss, num_train_epochs=args.epochs, learning_rate=learning_rate,
             per_device_train_batch_size=16, lr_scheduler_type="constant", warmup_steps=0, logging_steps=3,
             gradient_checkpointing=False, save_strategy="no", report_to=[], seed=args.seed,
-            max_length=128, lora=args.lora,
+            max_length=128, lora=lora,
         )
         trainer = DPOTrainer(model_path, args=config, train_dataset=pairs, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
@@ -263,6 +268,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         kl = (completion_logps(policy, tokenizer, flat_prompts, flat_after)
               - completion_logps(base, tokenizer, flat_prompts, flat_after)).mean().item()
         wr, ties = win_rate(after, before)
+        examples[loss] = max(after[0], key=lexicon_reward)
         logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
         seconds = time.time() - t1
         trainer.save_model()  # the model (or adapter) with its model card, next to diagnostics.json/.png
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         tqdm.write(f"  {loss:<10} {trainer.state.global_step} steps, {seconds:.0f}s, "
                    f"win-rate {wr:.2f}, KL {kl:.1f} nats, flags {results[-1].flags}")
 
-    mode = "LoRA adapters" if args.lora else "full fine-tuning"
+    mode = "LoRA adapters" if lora else "full fine-tuning"
     print(f"\n{mode}, lr {learning_rate:g}, {args.epochs:g} epochs. Held-out prompts, fresh samples; win-rate vs the "
           "base model's samples (ties count ½); KL(π‖π_base) in nats per completion:")
     print(f"{'loss':<10} {'reward before → after':>22} {'win-rate':>9} {'ties':>6} {'KL':>7} {'train acc':>10} "
@@ -284,10 +290,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for r in results:
         print(f"{r.loss:<10} {r.reward_before:>10.2f} → {r.reward_after:<9.2f} {r.win_rate:>9.2f} {r.ties:>6.2f} "
               f"{r.kl:>7.1f} {r.reward_accuracy:>10.2f} {r.margin:>7.2f} {r.flags:>6} {r.seconds:>5.0f}s")
+    print(f"\nHeld-out prompt: {eval_prompts[0]!r}")
+    print(f"  base     ({lexicon_reward(before[0][0]):+d}): {before[0][0].strip()[:150]!r}")
+    for loss, text in examples.items():
+        print(f"  {loss:<8} ({lexicon_reward(text):+d}): {text.strip()[:150]!r}")
     (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     plot = plot_results(results, out_dir / "demo.png")
     print(f"\nWritten to {out_dir}/: results.json{', demo.png' if plot else ''}, pairs.jsonl, and per loss the "
-          f"trained {'adapter' if args.lora else 'model'} with its README.md model card and diagnostics.json/.png. "
+          f"trained {'adapter' if lora else 'model'} with its README.md model card and diagnostics.json/.png. "
           f"Total {time.time() - t0:.0f}s.")
     return results
 
