@@ -30,6 +30,9 @@ def config(**kw):
         ({"loss_type": "exo_pair"}, ValueError, r"label_smoothing > 0 .* set label_smoothing=1e-3"),
         ({"loss_type": "simpo", "f_divergence_type": "js_divergence"}, ValueError, r"not defined for \['simpo'\]"),
         ({"loss_type": "simpo", "sync_ref_model": True}, ValueError, "needs a reference model"),
+        ({"loss_type": "simpo", "loss_kwargs": '{"simpo": {gamma: 1}}'}, ValueError, "not valid JSON"),
+        ({"loss_type": "aot", "use_weighting": True}, ValueError, "cannot weight 'aot'"),
+        ({"diagnostics_action": "explode"}, ValueError, "choose 'warn', 'stop' or 'checkpoint'"),
     ],
 )
 def test_bad_config_raises_at_construction(kw, error, match):

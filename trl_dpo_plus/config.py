@@ -140,7 +140,12 @@ class DPOPlusConfig(DPOConfig):
             logger.info("beta not set: using %s's recommended beta=%s", specs[0].name, self.beta)
 
         if isinstance(self.loss_kwargs, str):
-            self.loss_kwargs = json.loads(self.loss_kwargs)
+            try:
+                self.loss_kwargs = json.loads(self.loss_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"`loss_kwargs` is not valid JSON ({err}): write it like '{{\"simpo\": {{\"gamma\": 0.5}}}}'"
+                ) from err
         self.loss_kwargs = dict(self.loss_kwargs or {})
         for name, kwargs in self.loss_kwargs.items():
             if name not in self.loss_type:
@@ -158,6 +163,9 @@ class DPOPlusConfig(DPOConfig):
                 f"`f_divergence_type={self.f_divergence_type!r}` is not defined for {sorted(f_div)}; it applies to "
                 f"{sorted(n for n in list_losses() if get_loss(n).supports_f_divergence)}. Use 'reverse_kl'."
             )
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
+            raise ValueError("use_weighting=True (WPO) cannot weight 'aot'/'aot_unpaired': they sort pairs across the "
+                             "batch, so per-pair weights would not line up. Drop one of the two.")
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("`exo_pair` needs label_smoothing > 0 (the EXO paper recommends 1e-3): set label_smoothing=1e-3")
         if not any(s.requires_reference for s in specs):

@@ -91,21 +91,17 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             raise TypeError(f"DPOPlusTrainer takes at most {3 + len(_TRL_INIT_ARGS)} positional arguments")
         kwargs.update(zip(_TRL_INIT_ARGS, pos_args))
 
-        # The dataset is checked on the raw text, before TRL tokenizes it and before any model is loaded
+        # The datasets are checked on the raw text, before TRL tokenizes them and before any model is loaded
+        def check(dataset, name):
+            return check_preference_dataset(dataset, name=name, drop_degenerate=args.drop_degenerate_pairs)
+
         if kwargs.get("train_dataset") is not None:
-            kwargs["train_dataset"] = check_preference_dataset(
-                kwargs["train_dataset"], name="train", drop_degenerate=args.drop_degenerate_pairs
-            )
+            kwargs["train_dataset"] = check(kwargs["train_dataset"], "train")
         eval_dataset = kwargs.get("eval_dataset")
         if isinstance(eval_dataset, dict):
-            kwargs["eval_dataset"] = {
-                key: check_preference_dataset(ds, name=key, drop_degenerate=args.drop_degenerate_pairs)
-                for key, ds in eval_dataset.items()
-            }
+            kwargs["eval_dataset"] = {key: check(ds, key) for key, ds in eval_dataset.items()}
         elif eval_dataset is not None:
-            kwargs["eval_dataset"] = check_preference_dataset(
-                eval_dataset, name="eval", drop_degenerate=args.drop_degenerate_pairs
-            )
+            kwargs["eval_dataset"] = check(eval_dataset, "eval")
 
         if args.qlora or args.lora:
             model, kwargs["peft_config"], kwargs["quantization_config"] = prepare_adapter_training(

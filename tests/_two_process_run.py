@@ -1,0 +1,49 @@
+"""Launched by tests/test_distributed.py with `torchrun --nproc_per_node 2` (gloo, CPU).
+
+Each rank records what its loss function actually received (the KL baselines and its own pairs' Δw) and what the
+diagnostics saw (the gathered pair statistics).
+"""
+
+import dataclasses
+import json
+import sys
+
+sys.path.insert(0, sys.argv[3])
+import torch  # noqa: E402
+from conftest import make_pairs  # noqa: E402
+from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+
+from trl_dpo_plus import DPOConfig, DPOTrainer  # noqa: E402
+
+model_path, out_path = sys.argv[1], sys.argv[2]
+args = DPOConfig(output_dir=out_path, loss_type="kto_pair", max_steps=2, per_device_train_batch_size=3,
+                 learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0)
+trainer = DPOTrainer(model_path, args=args, train_dataset=make_pairs(24), processing_class=AutoTokenizer.from_pretrained(model_path))
+
+seen = []
+spec = trainer.loss_specs[0]
+
+
+def recording_loss(batch, **kwargs):
+    dw = (batch.chosen_logps - batch.ref_chosen_logps).detach()
+    seen.append({"chosen_kl": float(batch.chosen_kl), "local_dw": dw.tolist()})
+    return spec.fn(batch, **kwargs)
+
+
+trainer.loss_specs[0] = dataclasses.replace(spec, fn=recording_loss)
+
+
+class PairsSeen(TrainerCallback):
+    pairs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "margin" in trainer.last_pair_statistics:
+            self.pairs.append(int(trainer.last_pair_statistics["margin"].numel()))
+
+
+trainer.add_callback(PairsSeen())
+trainer.train()
+rank = trainer.accelerator.process_index
+with open(f"{out_path}/rank{rank}.json", "w") as f:
+    json.dump({"world_size": trainer.accelerator.num_processes, "seen": seen, "pairs_logged": PairsSeen.pairs}, f)
+torch.distributed.destroy_process_group()

@@ -1,0 +1,34 @@
+"""Two processes on the CPU (torchrun, gloo): pair statistics and kto_pair's KL baseline cover both ranks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_kl_baseline_and_the_statistics(tiny_models, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(HERE / "_two_process_run.py"),
+                             tiny_models["llama"], str(tmp_path), str(HERE)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["pairs_logged"] == [6, 6]  # 3 pairs per device × 2 processes reach the diagnostics
+    for step in range(2):
+        rank0, rank1 = ranks[0]["seen"][step], ranks[1]["seen"][step]
+        everyone = rank0["local_dw"] + rank1["local_dw"]
+        global_mean = sum(everyone) / len(everyone)
+        # both ranks' losses received the same baseline: the mean of Δw over all 6 pairs, not their own 3
+        assert rank0["chosen_kl"] == pytest.approx(global_mean, rel=1e-5, abs=1e-6)
+        assert rank1["chosen_kl"] == pytest.approx(global_mean, rel=1e-5, abs=1e-6)
+    rank0, rank1 = ranks[0]["seen"][1], ranks[1]["seen"][1]  # after one update the ranks' own means differ
+    assert sum(rank0["local_dw"]) / 3 != pytest.approx(sum(rank1["local_dw"]) / 3, rel=1e-3)
