@@ -14,6 +14,7 @@ Run: `python -m trl_dpo_plus.demo` (or `make demo`, or `trl-dpo-plus demo`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -199,8 +200,6 @@ def mean_reward(samples: list[list[str]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    from . import DPOConfig, DPOTrainer
-
     parser = argparse.ArgumentParser(prog="trl-dpo-plus demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", nargs="+", default=["sigmoid", "ipo", "simpo", "kto_pair"])
     parser.add_argument("--output_dir", default="outputs/demo")
@@ -215,15 +214,40 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--full_finetune", action="store_true", help="train the whole model instead of LoRA adapters")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.getLogger("trl_dpo_plus").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is fully offline
+    with _quiet():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Only the demo's own output: library logs, warnings and progress bars off, all restored afterwards."""
     import datasets
     import transformers
 
+    package_logger = logging.getLogger("trl_dpo_plus")
+    level, verbosity = package_logger.level, transformers.utils.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    package_logger.setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        package_logger.setLevel(level)
+        transformers.utils.logging.set_verbosity(verbosity)
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _run(args) -> list[Result]:
+    from . import DPOConfig, DPOTrainer
+
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
