@@ -144,7 +144,7 @@ def train_stories(tmp_path, *, lr, beta, epochs, action="warn", pairs=16):
 @pytest.mark.slow
 def test_overdriven_run_on_stories260k_flags_displacement(tmp_path):
     """High learning rate, small β, many epochs on 16 pairs: the rejected side collapses (measured: −6.9 nats/token
-    by step 4, rejected-driven 11× by step 10)."""
+    by step 4, rejected-driven from step 10, the rejected side moving 11.4× as much as the chosen by the end)."""
     trainer = train_stories(tmp_path, lr=3e-3, beta=0.05, epochs=12)
     report = json.loads((tmp_path / "diagnostics.json").read_text())["train"]
     raised = {f["flag"]: f for f in report["flags"]}
