@@ -99,7 +99,6 @@ DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".c
 def load_preference_dataset(name_or_path: str, config: str | None = None, streaming: bool = False):
     """A `DatasetDict` from a local JSON/JSONL/Parquet/CSV file, a folder of them (split = file name before the first
     '-', '_' or '.': `train.jsonl`, `test-00000.parquet`), a folder written by `save_to_disk`, or a Hub dataset id."""
-    import os
     import re
     from pathlib import Path
 
@@ -126,8 +125,9 @@ def load_preference_dataset(name_or_path: str, config: str | None = None, stream
         if len(kinds) > 1:
             raise ValueError(f"Dataset folder {path} mixes file types {sorted(kinds)}; keep one type per folder")
         return load_dataset(kinds.pop(), data_files=files, streaming=streaming)
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] \
-        or path.suffix.lower() in DATA_FILE_TYPES
+    # A Hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path
+    looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+                   or path.suffix.lower() in DATA_FILE_TYPES)
     if looks_local:
         raise FileNotFoundError(f"Dataset path {name_or_path!r} does not exist")
     return load_dataset(name_or_path, name=config, streaming=streaming)
