@@ -18,6 +18,8 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 
+from .qlora import is_quantized
+
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 
 
@@ -125,7 +127,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), model_name=model_name or output_dir.name,
         base_model_display=base or "unknown", is_adapter=is_adapter, dataset_name=dataset_name, losses=losses,
-        reference_mode=reference_mode(trainer), ld_alpha=args.ld_alpha, f_divergence_type=args.f_divergence_type,
+        reference_mode=metadata["reference"], ld_alpha=args.ld_alpha, f_divergence_type=args.f_divergence_type,
         use_weighting=args.use_weighting, quantization=metadata["quantization"], lora=metadata["lora"],
         training=training, diagnostics=diagnostics, versions=_versions(),
         repo_or_path=args.hub_model_id or str(output_dir),
@@ -142,8 +144,7 @@ def merge_and_save(model, output_dir: str | os.PathLike, *, dequantize: bool = F
     """
     if not isinstance(model, PeftModel):
         raise TypeError("merge_and_save needs a PeftModel (a model trained with adapters); a full model is already merged")
-    base = model.get_base_model()
-    if (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)) and not dequantize:
+    if is_quantized(model.get_base_model()) and not dequantize:
         raise ValueError(
             "The base model is quantised (4/8-bit). Merging into quantised weights loses precision, so merge_and_save "
             "reloads the base unquantised: pass dequantize=True to accept that (it needs the full-precision weights "

@@ -22,13 +22,20 @@ import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": "all-linear"}
-
-
 def _compute_dtype() -> torch.dtype:
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+def check_no_lm_head(target_modules: str | list[str] | set[str] | None) -> None:
+    """TRL reads log-probs from `lm_head.weight` directly, so an adapter on it would never train."""
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
+    if "lm_head" in targets:
+        raise ValueError(
+            "lm_head in lora_target_modules: TRL computes log-probs from lm_head.weight directly, so an adapter there "
+            "would never train. Remove 'lm_head' (the default 'all-linear' already leaves it out)."
+        )
 
 
 def lora_defaults(
@@ -42,12 +49,7 @@ def lora_defaults(
     use_dora: bool = False,
 ) -> LoraConfig:
     """The LoRA preset (see the module docstring for the reasons), every value overridable."""
-    targets = [lora_target_modules] if isinstance(lora_target_modules, str) else list(lora_target_modules)
-    if "lm_head" in targets:
-        raise ValueError(
-            "lm_head in lora_target_modules: TRL computes log-probs from lm_head.weight directly, so an adapter there "
-            "would never train. Remove 'lm_head' (the default 'all-linear' already leaves it out)."
-        )
+    check_no_lm_head(lora_target_modules)
     return LoraConfig(
         task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
         target_modules=lora_target_modules, modules_to_save=lora_modules_to_save, use_rslora=use_rslora,
@@ -95,8 +97,8 @@ def prepare_adapter_training(model, args, peft_config=None, quantization_config=
             f"{mode}=True but the model already has adapters (a PeftModel). Pass it with {mode}=False to keep training "
             "that adapter (its frozen copy is the reference), or pass the base model."
         )
-    targets = getattr(peft_config, "target_modules", None) or []
-    lora_defaults(lora_target_modules=[targets] if isinstance(targets, str) else list(targets))  # lm_head check
+    if peft_config is not None:
+        check_no_lm_head(getattr(peft_config, "target_modules", None))
     peft_config = peft_config or lora_defaults()
     if mode == "lora":
         return model, peft_config, quantization_config

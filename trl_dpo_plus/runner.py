@@ -16,7 +16,6 @@ import trl
 import trl.trainer
 from trl.trainer import dpo_config, dpo_trainer
 
-from . import trainer as plus_trainer
 from .config import DPOPlusConfig
 from .trainer import DPOPlusTrainer
 
@@ -47,7 +46,7 @@ def run_script(script: str, script_args: list[str]) -> int:
         print(f"trl-dpo-plus run: {script} does not use TRL's DPOTrainer, so there is nothing to replace. "
               "Run it with python directly.", file=sys.stderr)
         return 2
-    created_before = plus_trainer.DPOPlusTrainer.instances_created
+    created_before = DPOPlusTrainer.instances_created
     argv = sys.argv
     sys.argv = [str(path), *script_args]
     try:
@@ -58,7 +57,7 @@ def run_script(script: str, script_args: list[str]) -> int:
             return exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
-    if plus_trainer.DPOPlusTrainer.instances_created == created_before:
+    if DPOPlusTrainer.instances_created == created_before:
         print(f"trl-dpo-plus run: {script} finished without creating a DPOTrainer; nothing was trained with "
               "trl-dpo-plus.", file=sys.stderr)
         return 3

@@ -22,10 +22,11 @@ from trl.trainer import dpo_trainer as _trl_dpo
 
 from .config import DPOPlusConfig
 from .data import check_preference_dataset
-from .hub import build_model_card
 from .diagnostics import DiagnosticCallback, DiagnosticsReportCallback, default_callbacks
+from .hub import build_model_card
 from .layout import NON_MODEL_KEYS, PaddedPairLayout, PolicyForward
 from .losses import PreferenceBatch, get_loss
+from .losses._common import per_token
 from .qlora import prepare_adapter_training
 
 logger = logging.getLogger(__name__)
@@ -214,10 +215,9 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
     def _wpo_weights(self, forward: PolicyForward) -> torch.Tensor:
         """WPO weights (https://arxiv.org/abs/2406.11827 Eq. 2), as TRL computes them, one per pair."""
         seq_len = forward.mask.size(1)
-        lengths = forward.mask.sum(dim=1).clamp_min(1)
         with torch.no_grad():
             aligned = (forward.per_token_logps - forward.outputs.log_sum_sq_probs[:, -seq_len:]) * forward.mask
-        weights = torch.exp(aligned.sum(dim=1) / lengths)
+        weights = torch.exp(per_token(aligned.sum(dim=1), forward.lengths))
         chosen_weights, rejected_weights = weights.chunk(2, dim=0)
         return chosen_weights * rejected_weights
 
@@ -274,14 +274,14 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             "margin": margins.float(),
             "chosen_len": chosen_len,
             "rejected_len": rejected_len,
-            "chosen_logp_per_token": chosen_logps.float() / chosen_len.clamp(min=1),
-            "rejected_logp_per_token": rejected_logps.float() / rejected_len.clamp(min=1),
+            "chosen_logp_per_token": per_token(chosen_logps.float(), chosen_len),
+            "rejected_logp_per_token": per_token(rejected_logps.float(), rejected_len),
         }
         if batch.has_reference:
             ref_chosen = self.accelerator.gather(batch.ref_chosen_logps.detach()).float()
             ref_rejected = self.accelerator.gather(batch.ref_rejected_logps.detach()).float()
-            pairs["ref_chosen_logp_per_token"] = ref_chosen / chosen_len.clamp(min=1)
-            pairs["ref_rejected_logp_per_token"] = ref_rejected / rejected_len.clamp(min=1)
+            pairs["ref_chosen_logp_per_token"] = per_token(ref_chosen, chosen_len)
+            pairs["ref_rejected_logp_per_token"] = per_token(ref_rejected, rejected_len)
             pairs["chosen_logratio_per_token"] = pairs["chosen_logp_per_token"] - pairs["ref_chosen_logp_per_token"]
             pairs["rejected_logratio_per_token"] = pairs["rejected_logp_per_token"] - pairs["ref_rejected_logp_per_token"]
         for key, value in pairs.items():

@@ -72,7 +72,6 @@ class DiagnosticCallback(TrainerCallback):
         self.window = window
         self.action = action
         self.history: deque[dict[str, float]] = deque(maxlen=window)
-        self.flags: list[Flag] = []
         self.disabled_reason: str | None = None
         self._active: set[str] = set()  # flags raised at the previous log: an episode lasts while they stay up
         self._pending: list[Flag] = []
@@ -83,14 +82,17 @@ class DiagnosticCallback(TrainerCallback):
     def reset(self) -> None:
         """Forget the history (thresholds stay): for a new run, or a one-off evaluation."""
         self.history.clear()
-        self.flags, self._active, self._pending = [], set(), []
+        self._active, self._pending = set(), []
         self._last_step, self._last_metrics = None, {}
 
     def observe_once(self, step: int, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics and flags of one set of statistics on its own (an evaluation), leaving this callback's state alone."""
-        fresh = copy.deepcopy(self)
+        snapshot, self._healthy_snapshot = self._healthy_snapshot, None  # a model's weights: not worth copying
+        try:
+            fresh = copy.deepcopy(self)
+        finally:
+            self._healthy_snapshot = snapshot
         fresh.reset()
-        fresh._healthy_snapshot = None
         return fresh.observe(step, stats, is_main=False)
 
     # -- called by DPOPlusTrainer.log, before the logs are dispatched ----------------------------------------
@@ -110,7 +112,6 @@ class DiagnosticCallback(TrainerCallback):
         metrics, raised = self.evaluate(step, stats)
         new = [flag for flag in raised if flag.name not in self._active]
         self._active = {flag.name for flag in raised}
-        self.flags += raised
         self._pending = new
         for flag in raised:
             metrics[f"{PREFIX}/flag/{flag.name}"] = 1.0
