@@ -9,7 +9,6 @@ import json
 import sys
 
 sys.path.insert(0, sys.argv[3])
-import torch  # noqa: E402
 from conftest import make_pairs  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
@@ -46,4 +45,4 @@ trainer.train()
 rank = trainer.accelerator.process_index
 with open(f"{out_path}/rank{rank}.json", "w") as f:
     json.dump({"world_size": trainer.accelerator.num_processes, "seen": seen, "pairs_logged": PairsSeen.pairs}, f)
-torch.distributed.destroy_process_group()
+trainer.end()  # as scripts end: waits for every rank, then destroys the process group
