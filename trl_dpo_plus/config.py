@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from trl import DPOConfig
 
+from .layout import TRUNCATION_MODES
 from .losses import get_loss, list_losses, validate_loss_kwargs
 
 logger = logging.getLogger(__name__)
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 # TRL config fields that feed a loss hyperparameter of the same meaning: config field -> loss keyword.
 SHARED_LOSS_FIELDS = {"label_smoothing": "label_smoothing", "discopop_tau": "tau"}
 
+
+PAIR_LAYOUTS = ("auto", "shared_prefix", "padded")
 
 _cpu_notice_given = False
 
@@ -60,6 +63,16 @@ class DPOPlusConfig(DPOConfig):
         drop_degenerate_pairs (`bool`, *optional*, defaults to `False`):
             Drop pairs with an empty completion or with chosen == rejected at dataset preparation. They are always
             counted and reported.
+        pair_layout (`str`, *optional*, defaults to `"auto"`):
+            How pairs are laid out for the forward. `"shared_prefix"`: each prompt computed once for both completions,
+            pairs packed without padding, the LM head run only where a completion token is predicted (equal to the
+            padded layout to float rounding, several times faster on long prompts). `"padded"`: TRL's layout, for
+            exact parity with `trl.DPOTrainer`. `"auto"`: `"shared_prefix"` where it is exact (sdpa or eager
+            attention, no active sliding window, no MoE aux loss, no prompt-learning PEFT; checked against the padded
+            forward on the first batch), else `"padded"` with one log line saying why.
+        packing_length (`int` or `None`, *optional*, defaults to `None`):
+            Token budget of one packed row in the shared-prefix layout (a longer pair gets a row of its own); `None`
+            means `max_length` (1024 when that is `None`), 0 puts one pair per row.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["loss_kwargs"]
@@ -112,8 +125,33 @@ class DPOPlusConfig(DPOConfig):
         metadata={"help": "Drop pairs with an empty completion or chosen == rejected (they are always counted)."},
     )
 
+    pair_layout: str = field(
+        default="auto",
+        metadata={"help": "How pairs are laid out for the forward: 'shared_prefix' (prompt computed once, packed, LM head "
+                  "at completion tokens only), 'padded' (TRL's layout, exact parity), or 'auto' (shared_prefix where it "
+                  "is exact, else padded with a log line).", "choices": ["auto", "shared_prefix", "padded"]},
+    )
+    packing_length: int | None = field(
+        default=None,
+        metadata={"help": "Token budget of one packed row in the shared-prefix layout; default max_length (1024 when "
+                  "max_length is None); 0 puts one pair per row."},
+    )
+
     def __post_init__(self):
         self._select_device()
+        if self.pair_layout not in PAIR_LAYOUTS:
+            raise ValueError(f"pair_layout={self.pair_layout!r}: choose one of {list(PAIR_LAYOUTS)}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"truncation_mode={self.truncation_mode!r}: choose 'keep_start' (TRL's default), 'keep_end', or "
+                "'keep_completions' (left-truncate the prompt, identically for chosen and rejected, so both fit)"
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length}: it must be at least 2 (a prompt token and a completion "
+                             "token), or None for no truncation")
+        if self.packing_length is not None and self.packing_length < 0:
+            raise ValueError(f"packing_length={self.packing_length}: use a token budget > 0, 0 for one pair per row, "
+                             "or None for max_length")
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         if self.diagnostics_action not in ("warn", "stop", "checkpoint"):
@@ -189,6 +227,13 @@ class DPOPlusConfig(DPOConfig):
         logger.warning(
             "No GPU found: training on the CPU (use_cpu=True) in %s.", "bfloat16 mixed precision" if self.bf16 else "float32"
         )
+
+    @property
+    def packing_budget(self) -> int:
+        """The token budget of one packed row (see `packing_length`)."""
+        if self.packing_length is not None:
+            return self.packing_length
+        return self.max_length if self.max_length is not None else 1024
 
     @property
     def requires_reference(self) -> bool:

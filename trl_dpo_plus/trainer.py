@@ -1,8 +1,11 @@
 """`DPOPlusTrainer`: TRL's `DPOTrainer` with the loss taken from the trl_dpo_plus registry.
 
-This module is the only place that touches TRL internals. It overrides one private method, `_compute_loss` (TRL
-hard-codes its losses there), and, for reference-free losses, keeps TRL's `__init__` from loading a reference model.
-`tests/test_trl_contract.py` pins the upstream code both rely on and fails loudly when TRL changes it.
+This module is the only place that touches TRL internals. It overrides two private methods, `_compute_loss` (TRL
+hard-codes its losses there) and `_precompute_ref_logps` (to collate in the shared-prefix layout), and
+`compute_ref_log_probs`; for reference-free losses it keeps TRL's `__init__` from loading a reference model; for the
+shared-prefix layout it has TRL's fused LM head score only labelled positions on every device (TRL does so on Triton
+devices only). `tests/test_trl_contract.py` pins the upstream code all of these rely on and fails loudly when TRL
+changes it.
 """
 
 from __future__ import annotations
@@ -17,14 +20,26 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 from trl import DPOConfig
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as _trl_dpo
+from trl.trainer import utils as _trl_utils
 
 from .config import DPOPlusConfig
 from .data import check_preference_dataset
 from .diagnostics import DiagnosticCallback, DiagnosticsReportCallback, default_callbacks
 from .hub import build_model_card
-from .layout import NON_MODEL_KEYS, PaddedPairLayout, PolicyForward
+from .layout import (
+    NON_MODEL_KEYS,
+    PaddedPairCollator,
+    PaddedPairLayout,
+    PolicyForward,
+    SharedPrefixCollator,
+    SharedPrefixLayout,
+    UnpackedPaddedLayout,
+    unpack_to_padded,
+)
 from .losses import PreferenceBatch, get_loss
 from .losses._common import per_token
 from .qlora import prepare_adapter_training
@@ -72,7 +87,6 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
     """
 
     _tag_names = ["trl", "dpo", "trl-dpo-plus"]
-    layout = PaddedPairLayout()
     instances_created = 0  # read by `trl-dpo-plus run` to check that a script really used this trainer
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, *pos_args, **kwargs):
@@ -109,8 +123,15 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 model, args, kwargs.get("peft_config"), kwargs.get("quantization_config")
             )
 
+        self.layout = PaddedPairLayout()
+        self.layout_reason = "not chosen yet"
+        self._layout_installed = False
+        self._layout_verified = False
+        self._user_collator = kwargs.get("data_collator") is not None
+        self._has_compute_metrics = kwargs.get("compute_metrics") is not None
         with self._no_reference_model_loaded(model, ref_model):
             super().__init__(model, ref_model, args, **kwargs)
+        self._install_layout()
         DPOPlusTrainer.instances_created += 1
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
@@ -151,16 +172,153 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         with mock.patch.object(_trl_dpo, "create_model_from_path", create_policy_only):
             yield
 
+    # -- the pair layout: shared-prefix where it is exact, else TRL's padded batch ---------------------------------
+    def _shared_prefix_blocker(self) -> str | None:
+        """Why the shared-prefix layout cannot be exact for this model and setup, or `None` when it can."""
+        model = self.accelerator.unwrap_model(self.model)
+        config = model.config.get_text_config()
+        attn = getattr(model.config, "_attn_implementation", None)
+        window = getattr(config, "sliding_window", None)
+        if self._is_vision_dataset:
+            return "vision-language data"
+        if self._user_collator:
+            return "a data_collator was passed to the trainer"
+        if self._has_compute_metrics:
+            return "compute_metrics needs the padded logits"
+        if attn not in ("sdpa", "eager"):
+            return f"attn_implementation={attn!r} cannot take a custom 4D attention mask (sdpa and eager can)"
+        if window is not None and getattr(config, "use_sliding_window", True) and (
+            self.args.max_length is None or self.args.max_length > window
+        ):
+            return f"sliding-window attention (window {window}) with sequences up to max_length={self.args.max_length}"
+        if self.aux_loss_enabled:
+            return "the MoE load-balancing loss needs a 2D attention mask"
+        if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+            return "prompt-learning PEFT prepends virtual tokens"
+        return None
+
+    def _install_layout(self) -> None:
+        """Choose the layout once (`args.pair_layout`) and install its collator; say why when it is not the default."""
+        if self._layout_installed:
+            return
+        self._layout_installed = True
+        args = self.args
+        blocker = self._shared_prefix_blocker() if args.pair_layout != "padded" else None
+        if args.pair_layout == "shared_prefix" and blocker:
+            raise ValueError(f"pair_layout='shared_prefix' is not exact here: {blocker}. Use pair_layout='auto' or 'padded'.")
+        if args.pair_layout == "padded" or blocker:
+            self.layout = PaddedPairLayout()
+            self.layout_reason = "pair_layout='padded'" if args.pair_layout == "padded" else blocker
+            if blocker:
+                logger.info("Pair layout: padded (TRL's), because %s", blocker)
+            if args.truncation_mode == "keep_completions" and not self._user_collator:
+                self.data_collator = PaddedPairCollator(
+                    pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
+                    pad_to_multiple_of=args.pad_to_multiple_of,
+                )
+            return
+        self.layout = SharedPrefixLayout()
+        self.layout_reason = "exact for this model (sdpa/eager attention, no sliding window)"
+        self.data_collator = SharedPrefixCollator(
+            pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
+            truncation_mode=args.truncation_mode, packing_length=args.packing_budget,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+        )
+
+    @contextlib.contextmanager
+    def completion_only_lm_head(self):
+        """Have TRL's fused LM head score only the labelled positions, on every device.
+
+        TRL's fused forward does so on Triton devices and scores every position elsewhere (a fixed tile shape avoids
+        recompilation on Neuron). In eager PyTorch the compact path is the same arithmetic on fewer rows, so on the
+        CPU the vocabulary projection runs at the completion tokens only.
+        """
+        with mock.patch.object(_trl_utils, "_use_triton", lambda device: True):
+            yield
+
+    @contextlib.contextmanager
+    def reference_context(self, model):
+        """What TRL's `compute_ref_log_probs` runs the reference forward under: no gradient, no checkpointing, the
+        adapter disabled (or the 'ref' adapter) when the reference is the PEFT model's base, and autocast."""
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = _trl_utils.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter,
+            self.accelerator.autocast(),
+        ):
+            yield
+
+    def padded_reference_logps(self, model, inputs):
+        """TRL's reference forward of a padded batch."""
+        return super().compute_ref_log_probs(model, inputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs `(chosen, rejected)` of one batch, in whichever layout it was collated."""
+        layout = self.layout if "pair_ids" in inputs else PaddedPairLayout()
+        return layout.reference_logps(self, model, inputs)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._install_layout()  # TRL precomputes inside its __init__: collate as training will
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _verify_layout(self, model, inputs) -> None:
+        """Once, on the first batch: the shared-prefix forward must equal the padded forward of the same pairs.
+
+        Models that rebuild their own attention mask or ignore `position_ids` fail this; then the run goes on in the
+        padded layout (rebuilt from the same batches) with a warning, or raises if `pair_layout='shared_prefix'`.
+        """
+        self._layout_verified = True
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()  # dropout would make the two forwards differ
+        try:
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                shared = self.layout.policy_forward(self, model, inputs)
+                padded = PaddedPairLayout().policy_forward(self, model, unpack_to_padded(inputs, self.pad_token_id))
+        finally:
+            unwrapped.train(was_training)
+        same_shape = torch.equal(shared.lengths, padded.lengths)
+        error = (shared.logps - padded.logps).abs().max() if same_shape else torch.tensor(float("inf"))
+        scale = padded.lengths.clamp(min=1).max()
+        error = self.accelerator.gather(error.reshape(1).to(self.accelerator.device).float()).max().item()
+        per_token = error / scale.item()
+        tolerance = 1e-4 if unwrapped.get_input_embeddings().weight.dtype == torch.float32 and not (
+            self.args.bf16 or self.args.fp16) else 2e-2
+        self.layout_check = {"max_abs_logp_error": error, "per_token": per_token, "tolerance": tolerance}
+        if per_token <= tolerance:
+            logger.info("Pair layout: shared_prefix, checked on the first batch (summed log-prob error %.2e)", error)
+            return
+        reason = (f"its log-probs differ from the padded forward by {error:.3g} nats on the first batch (this model "
+                  "does not honour a custom 4D attention mask and position_ids)")
+        if self.args.pair_layout == "shared_prefix":
+            raise RuntimeError(f"pair_layout='shared_prefix' is not exact for this model: {reason}. Use pair_layout='padded'.")
+        logger.warning("Pair layout: falling back to padded (TRL's), because %s", reason)
+        self.layout = UnpackedPaddedLayout(self.pad_token_id)
+        self.layout_reason = reason
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._tokenizer.pad_token_id
+
     # -- the loss path: the one override of TRL's private method ------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        if isinstance(self.layout, SharedPrefixLayout) and not self._layout_verified:
+            self._verify_layout(model, inputs)
         forward = self.layout.policy_forward(self, model, inputs)
         chosen_logps, rejected_logps = forward.logps.chunk(2, dim=0)
         chosen_lengths, rejected_lengths = forward.lengths.chunk(2, dim=0)
 
         ref_chosen_logps = ref_rejected_logps = chosen_scores = rejected_scores = chosen_kl = rejected_kl = None
         if self.requires_reference:
-            ref_chosen_logps, ref_rejected_logps = self.layout.reference_logps(self, inputs)
+            if self.precompute_ref_logps:
+                ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
             chosen_logratios = chosen_logps - ref_chosen_logps
             rejected_logratios = rejected_logps - ref_rejected_logps
             if self.f_divergence_type != "reverse_kl":
@@ -200,23 +358,23 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             loss_outputs.append(out)
 
         if self.aux_loss_enabled:
-            aux_loss = forward.outputs.aux_loss
+            aux_loss = forward.aux_loss
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         self._log_metrics(mode, inputs, forward, batch, loss_outputs)
 
         if return_outputs:  # deprecated in TRL: the fused LM head builds no logits, so recompute them
+            padded = inputs if "pair_ids" not in inputs else unpack_to_padded(inputs, self.pad_token_id)
             with torch.no_grad():
-                outputs = model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS})
+                outputs = model(**{k: v for k, v in padded.items() if k not in NON_MODEL_KEYS})
             return loss, outputs
         return loss
 
     def _wpo_weights(self, forward: PolicyForward) -> torch.Tensor:
         """WPO weights (https://arxiv.org/abs/2406.11827 Eq. 2), as TRL computes them, one per pair."""
-        seq_len = forward.mask.size(1)
         with torch.no_grad():
-            aligned = (forward.per_token_logps - forward.outputs.log_sum_sq_probs[:, -seq_len:]) * forward.mask
+            aligned = (forward.per_token_logps - forward.log_sum_sq_probs) * forward.mask
         weights = torch.exp(per_token(aligned.sum(dim=1), forward.lengths))
         chosen_weights, rejected_weights = weights.chunk(2, dim=0)
         return chosen_weights * rejected_weights
@@ -226,20 +384,18 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         mask = forward.mask
-        seq_len = mask.size(1)
-        outputs = forward.outputs
 
         total_tokens = gather(mask.sum()).sum()
-        entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * mask).sum()).sum()
+        entropy_sum = gather((forward.entropy.detach() * mask).sum()).sum()
         metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
 
         if mode == "train":
-            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            num_tokens = gather(forward.num_tokens.reshape(1)).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 
         chosen_mask, rejected_mask = mask.bool().chunk(2, dim=0)
-        chosen_mean_logits, rejected_mean_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+        chosen_mean_logits, rejected_mean_logits = forward.mean_logits.chunk(2, dim=0)
         for side, side_logits, side_mask in (
             ("chosen", chosen_mean_logits, chosen_mask),
             ("rejected", rejected_mean_logits, rejected_mask),
@@ -248,7 +404,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             count = gather(side_mask.sum()).sum().item()
             metrics[f"logits/{side}"].append(total / count if count > 0 else 0.0)
 
-        chosen_is_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+        chosen_is_top1, _ = forward.is_top1.chunk(2, dim=0)
         correct = gather((chosen_is_top1 & chosen_mask).sum()).sum()
         count = gather(chosen_mask.sum()).sum()
         metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
