@@ -1,9 +1,27 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+
+def _cap_onednn_isa_if_bf16_matmul_crashes() -> None:
+    """Some machines advertise AMX in cpuid without letting processes use it; oneDNN's bf16 matmul then dies with
+    SIGILL (seen on this project's CI machines: the QLoRA tests, which compute in bf16). Probe once in a subprocess
+    and, if it dies, cap oneDNN at AVX-512 BF16 for this process and its children (read at oneDNN's first use)."""
+    if "ONEDNN_MAX_CPU_ISA" in os.environ:
+        return
+    probe = (
+        "import torch; w = torch.ones(64, 64, dtype=torch.bfloat16, requires_grad=True); "
+        "torch.nn.functional.linear(torch.ones(128, 64, dtype=torch.bfloat16), w).sum().backward()"
+    )
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode != 0:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+
+
+_cap_onednn_isa_if_bf16_matmul_crashes()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")

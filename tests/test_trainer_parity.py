@@ -1,4 +1,7 @@
-"""One training step of DPOPlusTrainer equals trl.DPOTrainer: loss, gradient norm and updated weights, in float32."""
+"""One training step of DPOPlusTrainer equals trl.DPOTrainer: loss, gradient norm and updated weights, in float32.
+
+Exact parity is what `pair_layout="padded"` is for; the default shared-prefix layout is checked against the padded
+one in tests/test_layout.py (and against TRL here, to the issue's tolerances, for the loss and gradient norm)."""
 
 import pytest
 import torch
@@ -55,7 +58,8 @@ def run_one_step(trainer_cls, config_cls, model_path, tokenizer, tmp_path, peft,
 def test_one_step_matches_trl(overrides, peft, tiny_models, tokenizer, tmp_path):
     model = tiny_models["llama"]
     theirs, their_weights, _ = run_one_step(trl.DPOTrainer, trl.DPOConfig, model, tokenizer, tmp_path / "trl", peft, **overrides)
-    ours, our_weights, trainer = run_one_step(DPOTrainer, DPOConfig, model, tokenizer, tmp_path / "ours", peft, **overrides)
+    ours, our_weights, trainer = run_one_step(DPOTrainer, DPOConfig, model, tokenizer, tmp_path / "ours", peft,
+                                              pair_layout="padded", **overrides)
 
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=1e-6)
     assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-6, abs=1e-6)
@@ -73,6 +77,20 @@ def test_one_step_matches_trl(overrides, peft, tiny_models, tokenizer, tmp_path)
 def test_qwen2_matches_trl(tiny_models, tokenizer, tmp_path):
     model = tiny_models["qwen2"]
     theirs, _, _ = run_one_step(trl.DPOTrainer, trl.DPOConfig, model, tokenizer, tmp_path / "trl", False, loss_type=["ipo"])
-    ours, _, _ = run_one_step(DPOTrainer, DPOConfig, model, tokenizer, tmp_path / "ours", False, loss_type=["ipo"])
+    ours, _, _ = run_one_step(DPOTrainer, DPOConfig, model, tokenizer, tmp_path / "ours", False, loss_type=["ipo"],
+                              pair_layout="padded")
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
     assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_default_shared_prefix_layout_matches_trl(overrides, tiny_models, tokenizer, tmp_path):
+    """The default layout against TRL itself: loss to 1e-5, gradient norm to 1e-4, the metrics TRL logs to 1e-4."""
+    model = tiny_models["llama"]
+    theirs, _, _ = run_one_step(trl.DPOTrainer, trl.DPOConfig, model, tokenizer, tmp_path / "trl", False, **overrides)
+    ours, _, trainer = run_one_step(DPOTrainer, DPOConfig, model, tokenizer, tmp_path / "ours", False, **overrides)
+    assert trainer.layout.name == "shared_prefix"
+    assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+    assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4, abs=1e-6)
+    for key in ("logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "num_tokens", "logits/chosen"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), key

@@ -345,6 +345,14 @@ class SharedPrefixLayout:
         return ld_weighted_sum(per_token_logps, mask, trainer.ld_alpha).chunk(2, dim=0)
 
 
+def padded_tokens(forward: PolicyForward) -> torch.Tensor:
+    """A padded forward's per-token log-probs left-aligned like the shared-prefix layout's: `(2B, T)` completion
+    tokens in order (the padded layout keeps them at their sequence positions)."""
+    mask = forward.mask.bool()
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # completion positions first, in order
+    return forward.per_token_logps.gather(1, order) * mask.gather(1, order)
+
+
 def unpack_to_padded(inputs: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
     """The padded `[chosen; rejected]` batch (TRL's collator output) of the pairs of a packed batch, on its device."""
     index = inputs["unpack_index"]

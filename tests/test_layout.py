@@ -1,0 +1,248 @@
+"""The shared-prefix layout: the same sequences as TRL's collator, the same log-probs as the padded forward, the same
+training step for every registered loss, and a fallback (with its reason) where it cannot be exact."""
+
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoConfig, AutoModelForCausalLM
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from trl_dpo_plus import DPOConfig, DPOTrainer, list_losses
+from trl_dpo_plus.layout import (
+    PaddedPairLayout,
+    SharedPrefixCollator,
+    padded_tokens,
+    plan_rows,
+    shared_prefix_mask,
+    truncate_pair,
+    unpack_to_padded,
+)
+from trl_dpo_plus.losses import get_loss
+from conftest import make_pairs
+
+EXAMPLES = [
+    {"prompt_ids": [1, 2, 3, 4], "chosen_ids": [5, 6], "rejected_ids": [7]},
+    {"prompt_ids": [8, 9], "chosen_ids": [10], "rejected_ids": [11, 12, 13, 14, 15]},
+    {"prompt_ids": [], "chosen_ids": [16, 17, 18], "rejected_ids": [19, 20]},  # empty prompt
+    {"prompt_ids": [21], "chosen_ids": [22, 23, 24, 25, 26, 27], "rejected_ids": [28]},
+]
+
+
+def trim(batch):
+    """A padded batch without its all-padding columns, so that two collators' outputs compare."""
+    width = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: batch[k][:, :width] for k in ("input_ids", "attention_mask", "completion_mask")}
+
+
+@pytest.mark.parametrize("max_length,mode", [(None, "keep_start"), (6, "keep_start"), (5, "keep_end"), (4, "keep_end")])
+@pytest.mark.parametrize("packing_length", [0, 8, 1024])
+def test_unpacked_batch_is_exactly_trls_padded_batch(max_length, mode, packing_length):
+    """Each pair's two sequences, rebuilt from the packed rows, are the rows TRL's own collator builds."""
+    packed = SharedPrefixCollator(pad_token_id=0, max_length=max_length, truncation_mode=mode,
+                                  packing_length=packing_length)(EXAMPLES)
+    theirs = trim(DataCollatorForPreference(pad_token_id=0, max_length=max_length, truncation_mode=mode)(EXAMPLES))
+    ours = trim(unpack_to_padded(packed, pad_token_id=0))
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    # scored tokens: one per completion token that has a token before it in its own sequence (TRL's shifted mask)
+    assert packed["gather_index"].numel() == int(theirs["completion_mask"][:, 1:].sum())
+    # TRL's num_tokens counts the prompt once per completion
+    assert int(packed["num_tokens"]) == int(theirs["attention_mask"].sum())
+
+
+def test_prompt_is_computed_once_and_rows_respect_the_budget():
+    packed = SharedPrefixCollator(pad_token_id=0, packing_length=12)(EXAMPLES)
+    real = (packed["pair_ids"] >= 0).sum(dim=1)
+    assert (real <= 12).all()
+    # 4 + 2 + 1 + 1 (the repeated last prompt token) ... : prompt once, each completion once, one extra token per pair
+    expected = sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) + (1 if e["prompt_ids"] else 0)
+                   for e in EXAMPLES)
+    assert int(real.sum()) == expected
+    # the rejected branch restarts its positions where the prompt ends
+    row, cols = torch.nonzero(packed["pair_ids"] == 0, as_tuple=True)
+    assert packed["position_ids"][row, cols].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]
+
+
+def test_plan_rows_keeps_every_pair_once_in_batch_order_within_rows():
+    lengths = [7, 3, 9, 2, 5, 20, 1]
+    rows = plan_rows(lengths, budget=10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(row == sorted(row) for row in rows)
+    assert all(sum(lengths[i] for i in row) <= 10 or len(row) == 1 for row in rows)
+
+
+def test_mask_rejected_never_sees_chosen_and_pairs_never_see_each_other():
+    packed = SharedPrefixCollator(pad_token_id=0, packing_length=1024)(EXAMPLES[:2])
+    mask = shared_prefix_mask(packed["pair_ids"], packed["branch_ids"], "sdpa", torch.float32)[0, 0]
+    pair, branch = packed["pair_ids"][0], packed["branch_ids"][0]
+    for q in range(mask.size(0)):
+        for k in range(mask.size(1)):
+            if pair[q] < 0 or q == k:
+                continue
+            allowed = pair[q] == pair[k] and k < q and (branch[k] == 0 or branch[k] == branch[q])
+            assert bool(mask[q, k]) == bool(allowed), (q, k)
+    additive = shared_prefix_mask(packed["pair_ids"], packed["branch_ids"], "eager", torch.float32)
+    assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask.unsqueeze(0).unsqueeze(0))
+
+
+def test_keep_completions_keeps_one_prompt_for_both_sides():
+    shared, chosen, start, rejected, _ = truncate_pair(list(range(10)), [20, 21, 22], [30], 6, "keep_completions")
+    assert shared + chosen[:start] == [7, 8, 9] and chosen[start:] == [20, 21, 22] and rejected[start:] == [30]
+    # completions longer than max_length: the prompt keeps its last token, the completions are cut at the end
+    shared, chosen, start, rejected, _ = truncate_pair([1, 2, 3], list(range(10, 20)), [5], 4, "keep_completions")
+    assert shared + chosen[:start] == [3] and chosen[start:] == [10, 11, 12] and rejected[start:] == [5]
+
+
+# -- the forward: the same log-probs as the padded layout, per architecture and attention implementation ----------
+FAMILIES = {
+    "llama": {},
+    "qwen2": {},
+    "gemma": {"head_dim": 8},
+    "gpt_neox": {},
+    "mistral": {"sliding_window": None},
+}
+
+
+def tiny_model(tmp_path, tokenizer, family, attn, **extra):
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **{**FAMILIES.get(family, {}), **extra},
+    )
+    torch.manual_seed(0)
+    path = tmp_path / f"{family}-{attn}"
+    AutoModelForCausalLM.from_config(config, attn_implementation=attn).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def trainer_for(model_path, tokenizer, tmp_path, n=8, **config):
+    config = {"per_device_train_batch_size": 8, "max_steps": 1, "report_to": [], "save_strategy": "no",
+              "logging_steps": 1, "packing_length": 96, "seed": 0, **config}
+    peft_config = config.pop("peft_config", None)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), **config)
+    return DPOTrainer(model_path, args=args, train_dataset=make_pairs(n, seed=3), processing_class=tokenizer,
+                      peft_config=peft_config)
+
+
+def token_error(trainer):
+    """Max |per-token log-prob difference| between the shared-prefix and the padded forward of one batch."""
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert batch["input_ids"].size(0) < 2 * 8  # pairs were packed: fewer rows than TRL's 2B
+    with torch.no_grad():
+        shared = trainer.layout.policy_forward(trainer, trainer.model, batch)
+        padded = PaddedPairLayout().policy_forward(trainer, trainer.model, unpack_to_padded(batch, trainer.pad_token_id))
+    theirs = padded_tokens(padded)
+    width = theirs.size(1)
+    assert torch.equal(shared.mask[:, :width].bool(), (theirs != 0) | shared.mask[:, :width].bool())
+    assert torch.equal(shared.lengths, padded.lengths)
+    return ((shared.per_token_logps[:, :width] - theirs) * shared.mask[:, :width]).abs().max().item()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_per_token_logps_equal_the_padded_forward(family, attn, tokenizer, tmp_path):
+    trainer = trainer_for(tiny_model(tmp_path, tokenizer, family, attn), tokenizer, tmp_path,
+                          model_init_kwargs={"attn_implementation": attn})
+    assert trainer.model.config._attn_implementation == attn
+    assert trainer.layout.name == "shared_prefix"
+    assert token_error(trainer) <= 1e-5
+
+
+def test_eager_attention_needs_an_additive_mask(tokenizer, tmp_path, monkeypatch):
+    """A bool mask is silently wrong under eager attention (it is added to the scores): the layout builds a float one."""
+    import trl_dpo_plus.layout as layout
+
+    trainer = trainer_for(tiny_model(tmp_path, tokenizer, "llama", "eager"), tokenizer, tmp_path,
+                          model_init_kwargs={"attn_implementation": "eager"})
+    assert trainer.model.config._attn_implementation == "eager"
+    assert token_error(trainer) <= 1e-5
+    monkeypatch.setattr(layout, "shared_prefix_mask", lambda p, b, attn, dtype: shared_prefix_mask(p, b, "sdpa", dtype))
+    assert token_error(trainer) > 1e-2
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_adapters_policy_and_reference_equal_the_padded_forward(adapter, tiny_models, tokenizer, tmp_path):
+    config = {"lora": True} if adapter == "lora" else {"qlora": True}
+    model = tiny_models["llama64"]
+    trainer = trainer_for(model, tokenizer, tmp_path, **config)
+    assert trainer.layout.name == "shared_prefix"
+    tolerance = 1e-5 if adapter == "lora" else 5e-2  # QLoRA computes in bf16: both layouts round differently
+    assert token_error(trainer) <= tolerance
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ours = torch.stack(trainer.compute_ref_log_probs(trainer.model, batch))
+    theirs = torch.stack(trainer.padded_reference_logps(trainer.model, unpack_to_padded(batch, trainer.pad_token_id)))
+    per_token = (ours - theirs).abs() / torch.stack(trainer.layout.policy_forward(
+        trainer, trainer.model, batch).lengths.chunk(2)).clamp(min=1)
+    assert per_token.max() <= tolerance
+
+
+# -- one training step of every registered loss equals the padded layout's -------------------------------------
+LOSS_EXTRA = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.1}}
+
+
+def one_step(model_path, tokenizer, tmp_path, layout, loss):
+    trainer = trainer_for(model_path, tokenizer, tmp_path / layout, pair_layout=layout, loss_type=loss,
+                          learning_rate=1e-3, **LOSS_EXTRA.get(loss, {}))
+    trainer.train()
+    return trainer.state.log_history[0]
+
+
+@pytest.mark.parametrize("loss", list_losses())
+def test_every_loss_trains_the_same_step_in_both_layouts(loss, tiny_models, tokenizer, tmp_path):
+    padded = one_step(tiny_models["llama"], tokenizer, tmp_path, "padded", loss)
+    shared = one_step(tiny_models["llama"], tokenizer, tmp_path, "shared_prefix", loss)
+    assert shared["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+    assert shared["grad_norm"] == pytest.approx(padded["grad_norm"], abs=1e-4)
+    assert padded["grad_norm"] > 0 or get_loss(loss).name == "aot"
+    if get_loss(loss).requires_reference:
+        assert shared["rewards/margins"] == pytest.approx(padded["rewards/margins"], abs=1e-5)
+
+
+# -- where it cannot be exact: the padded layout, and the reason ---------------------------------------------------
+def test_sliding_window_shorter_than_max_length_falls_back(tokenizer, tmp_path, caplog):
+    model = tiny_model(tmp_path, tokenizer, "mistral", "sdpa", sliding_window=16)
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus.trainer"):
+        trainer = trainer_for(model, tokenizer, tmp_path, max_length=64)
+    assert trainer.layout.name == "padded" and "sliding-window" in trainer.layout_reason
+    assert "Pair layout: padded" in caplog.text
+    # a window no shorter than max_length never bites: the shared layout is exact there
+    assert trainer_for(model, tokenizer, tmp_path, max_length=16).layout.name == "shared_prefix"
+    with pytest.raises(ValueError, match="sliding-window"):
+        trainer_for(model, tokenizer, tmp_path, max_length=64, pair_layout="shared_prefix")
+
+
+def test_attention_without_custom_masks_falls_back(tiny_models, tokenizer, tmp_path):
+    trainer = trainer_for(tiny_models["llama"], tokenizer, tmp_path,
+                          model_init_kwargs={"attn_implementation": "flex_attention"})
+    assert trainer.layout.name == "padded" and "flex_attention" in trainer.layout_reason
+
+
+def test_a_model_that_builds_its_own_mask_is_caught_on_the_first_batch(tokenizer, tmp_path, caplog):
+    """Bloom builds ALiBi from a 2D mask: the first-batch check sees it, the run goes on padded, and says why."""
+    config = AutoConfig.for_model("bloom", vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path / "bloom"
+    AutoModelForCausalLM.from_config(config, attn_implementation="eager").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus.trainer"):
+        trainer = trainer_for(str(path), tokenizer, tmp_path, max_steps=2, model_init_kwargs={"attn_implementation": "eager"})
+        trainer.train()
+    assert trainer.layout.name == "padded" and "4D attention mask" in trainer.layout_reason
+    assert "falling back to padded" in caplog.text
+    reference = trainer_for(str(path), tokenizer, tmp_path / "padded", max_steps=2, pair_layout="padded")
+    reference.train()
+    assert trainer.state.log_history[1]["loss"] == pytest.approx(reference.state.log_history[1]["loss"], abs=1e-6)
+    with pytest.raises(RuntimeError, match="not exact for this model"):
+        trainer_for(str(path), tokenizer, tmp_path / "explicit", pair_layout="shared_prefix").train()
+
+
+def test_the_model_card_records_the_layout(tiny_models, tokenizer, tmp_path):
+    trainer = trainer_for(tiny_models["llama"], tokenizer, tmp_path)
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pair_layout: shared_prefix" in card
