@@ -15,8 +15,9 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl_dpo_plus import DPOConfig, DPOTrainer  # noqa: E402
 
 model_path, out_path = sys.argv[1], sys.argv[2]
+layout = sys.argv[4] if len(sys.argv) > 4 else "auto"
 args = DPOConfig(output_dir=out_path, loss_type="kto_pair", max_steps=2, per_device_train_batch_size=3,
-                 learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0)
+                 learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0, pair_layout=layout)
 trainer = DPOTrainer(model_path, args=args, train_dataset=make_pairs(24), processing_class=AutoTokenizer.from_pretrained(model_path))
 
 seen = []
@@ -44,5 +45,8 @@ trainer.add_callback(PairsSeen())
 trainer.train()
 rank = trainer.accelerator.process_index
 with open(f"{out_path}/rank{rank}.json", "w") as f:
-    json.dump({"world_size": trainer.accelerator.num_processes, "seen": seen, "pairs_logged": PairsSeen.pairs}, f)
+    json.dump({"world_size": trainer.accelerator.num_processes, "seen": seen, "pairs_logged": PairsSeen.pairs,
+               "layout": trainer.layout.name, "layout_check": trainer.layout_check,
+               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h],
+               "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]}, f)
 trainer.end()  # as scripts end: waits for every rank, then destroys the process group

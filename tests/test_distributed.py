@@ -12,15 +12,21 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.slow
-def test_two_processes_share_the_kl_baseline_and_the_statistics(tiny_models, tmp_path):
+def two_process_run(model_path, out_path, layout="auto", port=29517):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(HERE / "_two_process_run.py"),
-                             tiny_models["llama"], str(tmp_path), str(HERE)], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port),
+                             str(HERE / "_two_process_run.py"), model_path, str(out_path), str(HERE), layout], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_kl_baseline_and_the_statistics(tiny_models, tmp_path):
+    ranks = two_process_run(tiny_models["llama"], tmp_path)
+    assert ranks[0]["layout"] == ranks[1]["layout"] == "shared_prefix"
+    assert ranks[0]["layout_check"]["max_abs_token_logp_error"] <= 1e-5  # gathered over both ranks
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["pairs_logged"] == [6, 6]  # 3 pairs per device × 2 processes reach the diagnostics
     for step in range(2):
@@ -32,3 +38,15 @@ def test_two_processes_share_the_kl_baseline_and_the_statistics(tiny_models, tmp
         assert rank1["chosen_kl"] == pytest.approx(global_mean, rel=1e-5, abs=1e-6)
     rank0, rank1 = ranks[0]["seen"][1], ranks[1]["seen"][1]  # after one update the ranks' own means differ
     assert sum(rank0["local_dw"]) / 3 != pytest.approx(sum(rank1["local_dw"]) / 3, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_in_both_layouts(tiny_models, tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "padded").mkdir()
+    shared = two_process_run(tiny_models["llama"], tmp_path / "shared", "shared_prefix", port=29518)
+    padded = two_process_run(tiny_models["llama"], tmp_path / "padded", "padded", port=29519)
+    assert padded[0]["layout"] == "padded"
+    assert shared[0]["losses"] == pytest.approx(padded[0]["losses"], abs=1e-5)
+    assert shared[0]["grad_norms"] == pytest.approx(padded[0]["grad_norms"], abs=1e-4)
+    assert shared[0]["seen"][1]["chosen_kl"] == pytest.approx(padded[0]["seen"][1]["chosen_kl"], abs=1e-5)

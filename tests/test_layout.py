@@ -246,3 +246,60 @@ def test_the_model_card_records_the_layout(tiny_models, tokenizer, tmp_path):
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "pair_layout: shared_prefix" in card
+
+
+# -- truncation: counted, and a mode that keeps the pair's prompt identical ---------------------------------------
+def long_prompt_pairs(n=8):
+    data = make_pairs(n, seed=5)
+    return data.map(lambda row, i: {"prompt": " ".join(["Once upon a time there was a big dog."] * (1 + i % 4))
+                                    + " " + row["prompt"]}, with_indices=True)
+
+
+def test_truncated_and_dropped_pairs_are_counted(tiny_models, tokenizer, tmp_path, caplog):
+    args = DPOConfig(output_dir=str(tmp_path), max_length=48, report_to=[], per_device_train_batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus.trainer"):
+        trainer = DPOTrainer(tiny_models["llama"], args=args, train_dataset=long_prompt_pairs(), processing_class=tokenizer)
+    counts = trainer.truncation_counts["train"]
+    prompts = [len(tokenizer(p)["input_ids"]) for p in long_prompt_pairs()["prompt"]]
+    assert counts["dropped"] == sum(p >= 48 for p in prompts) > 0
+    assert counts["pairs"] == 8 - counts["dropped"] and counts["truncated"] > 0
+    kept = trainer.train_dataset
+    assert counts["truncated"] == sum(len(p) + max(len(c), len(r)) > 48 for p, c, r in
+                                      zip(kept["prompt_ids"], kept["chosen_ids"], kept["rejected_ids"]))
+    assert f"{counts['dropped']} of 8 pairs dropped" in caplog.text and "keep_completions" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared_prefix"])
+def test_keep_completions_keeps_every_pair_and_both_layouts_agree(layout, tiny_models, tokenizer, tmp_path):
+    def run(pair_layout):
+        args = DPOConfig(output_dir=str(tmp_path / pair_layout), max_length=48, truncation_mode="keep_completions",
+                         report_to=[], per_device_train_batch_size=8, max_steps=1, logging_steps=1, save_strategy="no",
+                         pair_layout=pair_layout)
+        trainer = DPOTrainer(tiny_models["llama"], args=args, train_dataset=long_prompt_pairs(),
+                             processing_class=tokenizer)
+        trainer.train()
+        return trainer
+
+    trainer = run(layout)
+    assert trainer.truncation_counts["train"]["dropped"] == 0 and trainer.truncation_counts["train"]["pairs"] == 8
+    batch = next(iter(trainer.get_train_dataloader()))
+    if layout == "padded":
+        lengths = batch["attention_mask"].sum(dim=1)
+        prompts = (batch["attention_mask"] - batch["completion_mask"]).sum(dim=1)
+        assert torch.equal(prompts[:8], prompts[8:])  # the same prompt for chosen and rejected
+    else:
+        lengths = (batch["unpack_index"] >= 0).sum(dim=1)
+    assert lengths.max() <= 48
+    other = run("shared_prefix" if layout == "padded" else "padded")
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(other.state.log_history[0]["loss"], abs=1e-5)
+
+
+def test_bad_layout_settings_fail_when_the_config_is_built():
+    with pytest.raises(ValueError, match="pair_layout"):
+        DPOConfig(output_dir="x", pair_layout="packed")
+    with pytest.raises(ValueError, match="keep_completions"):
+        DPOConfig(output_dir="x", truncation_mode="keep_middle")
+    with pytest.raises(ValueError, match="max_length"):
+        DPOConfig(output_dir="x", max_length=0)
+    with pytest.raises(ValueError, match="packing_length"):
+        DPOConfig(output_dir="x", packing_length=-1)

@@ -14,9 +14,12 @@ from trl.trainer import dpo_trainer
 # sha256 (first 16 hex digits) of `inspect.getsource` of each method, TRL 1.16.0
 PINNED = {
     "_compute_loss": "5e58a1699e0d76cd",  # overridden by DPOPlusTrainer._compute_loss (+ PaddedPairLayout)
-    "compute_ref_log_probs": "90611af9cbadb8ec",  # called for every reference forward
+    "compute_ref_log_probs": "90611af9cbadb8ec",  # the padded layout's reference forward; overridden per layout
     "log": "e80e122cfe5fd8ad",  # extended by DPOPlusTrainer.log
+    "_precompute_ref_logps": "f2c098c7da6ca701",  # extended: collates precompute batches in the chosen layout
 }
+# The fused LM head the shared-prefix layout calls with a 4D mask, position_ids and labels
+FUSED_HEAD_PIN = "422d009f04b66659"
 
 
 @pytest.mark.parametrize("method", sorted(PINNED))
@@ -27,6 +30,28 @@ def test_overridden_trl_methods_are_unchanged(method):
         f"trl {trl.__version__} changed DPOTrainer.{method} (hash {digest}, pinned {PINNED[method]}). "
         "DPOPlusTrainer mirrors it: port the upstream change, run the parity tests, then update PINNED."
     )
+
+
+def test_fused_lm_head_is_unchanged_and_compacts_where_the_trainer_says():
+    """`DPOPlusTrainer.completion_only_lm_head` patches `trl.trainer.utils._use_triton` to make the fused head score
+    only the labelled positions; that works only while the compact decision reads that module-level name."""
+    from trl.trainer import utils
+
+    source = inspect.getsource(utils.add_fused_lm_head)
+    assert "compact = _use_triton(hidden_states.device)" in source
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == FUSED_HEAD_PIN, (
+        f"trl {trl.__version__} changed add_fused_lm_head (hash {digest}): check the shared-prefix layout's use of it "
+        "(labels shifted by one, kwargs passed to the backbone, compaction), run tests/test_layout.py, update the pin."
+    )
+
+
+def test_data_collator_is_set_where_the_layout_replaces_it():
+    """The layout installs its collator after TRL's __init__ (and before TRL's precompute): TRL must still build its
+    own collator only when none was passed, and precompute through `self.data_collator`."""
+    init = inspect.getsource(dpo_trainer.DPOTrainer.__init__)
+    assert "if data_collator is None:" in init and "self._precompute_ref_logps(" in init
+    assert "collate_fn=self.data_collator" in inspect.getsource(dpo_trainer.DPOTrainer._precompute_ref_logps)
 
 
 def test_reference_model_is_built_with_create_model_from_path():

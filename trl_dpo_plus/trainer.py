@@ -18,9 +18,12 @@ import os
 from collections import defaultdict
 from unittest import mock
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from trl import DPOConfig
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as _trl_dpo
@@ -70,6 +73,11 @@ def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> tor
     raise ValueError(f"Unknown f_divergence_type: {kind!r}")
 
 
+def _size(dataset) -> int | None:
+    """Rows of a map-style dataset before TRL prepares it; `None` for streamed data."""
+    return len(dataset) if isinstance(dataset, Dataset) else None
+
+
 @contextlib.contextmanager
 def _dropout_off(model: torch.nn.Module):
     """Dropout probabilities set to 0 for the duration (TRL's `disable_dropout` does this for the whole run)."""
@@ -97,7 +105,11 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
       `DPOPlusConfig.loss_kwargs`;
     - when every selected loss is reference-free, no reference model is loaded and no reference forward runs;
     - the dataset is checked before tokenization (missing columns, non-string fields, empty or identical pairs);
-    - extra per-pair statistics are logged under `dpo_plus/` next to TRL's `rewards/*`, `logps/*`, `logits/*`.
+    - extra per-pair statistics are logged under `dpo_plus/` next to TRL's `rewards/*`, `logps/*`, `logits/*`;
+    - pairs are laid out with the prompt computed once, packed without padding, and the LM head run at completion
+      tokens only (`pair_layout`, see `trl_dpo_plus.layout`); `layout`, `layout_reason` and `layout_check` say which
+      layout runs, why, and how it compared with the padded forward on the first batch;
+    - pairs dropped or truncated by `max_length` are counted per split (`truncation_counts`) and logged.
     """
 
     _tag_names = ["trl", "dpo", "trl-dpo-plus"]
@@ -144,9 +156,15 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         self.layout_check: dict | None = None  # the shared-prefix layout's first-batch check against the padded one
         self._user_collator = kwargs.get("data_collator") is not None
         self._has_compute_metrics = kwargs.get("compute_metrics") is not None
+        raw_sizes = {"train": _size(kwargs.get("train_dataset"))}
+        if isinstance(kwargs.get("eval_dataset"), dict):
+            raw_sizes.update({key: _size(ds) for key, ds in kwargs["eval_dataset"].items()})
+        else:
+            raw_sizes["eval"] = _size(kwargs.get("eval_dataset"))
         with self._no_reference_model_loaded(model, ref_model):
             super().__init__(model, ref_model, args, **kwargs)
         self._install_layout()
+        self.truncation_counts = self._count_truncation(raw_sizes)
         DPOPlusTrainer.instances_created += 1
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
@@ -239,6 +257,37 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             truncation_mode=args.truncation_mode, packing_length=args.packing_budget,
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
+
+    def _count_truncation(self, raw_sizes: dict[str, int | None]) -> dict[str, dict[str, int]]:
+        """Per split: pairs kept, pairs TRL's preparation dropped (prompt alone fills `max_length` under
+        `keep_start`), and kept pairs that `max_length` truncates; logged once per split that loses anything."""
+        datasets = {"train": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            datasets.update(self.eval_dataset)
+        elif self.eval_dataset is not None:
+            datasets["eval"] = self.eval_dataset
+        counts = {}
+        max_length, mode = self.args.max_length, self.args.truncation_mode
+        for name, dataset in datasets.items():
+            if raw_sizes.get(name) is None or not isinstance(dataset, Dataset) or "prompt_ids" not in dataset.column_names:
+                continue  # streamed data: lengths are not known up front
+            columns = [f"{c}_ids" for c in ("prompt", "chosen", "rejected")]
+            table = dataset.select_columns(columns).with_format("arrow")[:]  # through TRL's filter's indices
+            prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy() for c in columns)
+            longest = np.maximum(chosen, rejected)
+            truncated = 0 if max_length is None else int((prompt + longest > max_length).sum())
+            dropped = raw_sizes[name] - len(dataset)
+            counts[name] = {"pairs": len(dataset), "dropped": dropped, "truncated": truncated}
+            if not (dropped or truncated):
+                continue
+            what = "with their prompt cut at the start" if mode == "keep_completions" else "truncated"
+            message = f"{name} dataset, max_length={max_length}: {truncated} of {len(dataset)} pairs {what}"
+            if dropped:
+                message += (f"; {dropped} of {raw_sizes[name]} pairs dropped because the prompt alone fills max_length. "
+                            "truncation_mode='keep_completions' keeps every pair (it cuts the prompt's start, "
+                            "identically for both completions); a larger max_length keeps more")
+            logger.warning(message)
+        return counts
 
     @contextlib.contextmanager
     def completion_only_lm_head(self):
