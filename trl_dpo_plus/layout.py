@@ -141,7 +141,7 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
         elif mode == "keep_end":
             prompt_c = prompt[max(0, len(prompt) + len(chosen) - max_length):]
             prompt_r = prompt[max(0, len(prompt) + len(rejected) - max_length):]
-            chosen, rejected = chosen[-max_length:] if chosen else chosen, rejected[-max_length:] if rejected else rejected
+            chosen, rejected = chosen[-max_length:], rejected[-max_length:]
             if prompt_c != prompt_r or not prompt_c:
                 return [], prompt_c + chosen, len(prompt_c), prompt_r + rejected, len(prompt_r)
             prompt = prompt_c
@@ -241,13 +241,14 @@ class SharedPrefixCollator:
                     branch_ids[r, start : start + len(seq)] = branch
                     sequences[s] = shared_flat + list(range(r * width + start, r * width + start + len(seq)))
                     completion_starts[s] = n + comp_start
-                    for k in range(comp_start, len(seq)):
-                        if n + k == 0:  # the sequence's first token: nothing predicts it (as in TRL)
-                            continue
-                        labels[r, start + k] = seq[k]
-                        gather.append(r * (width - 1) + start + k - 1)
-                        scatter_seq.append(s)
-                        scatter_pos.append(k - comp_start - (1 if n + comp_start == 0 else 0))
+                    # Completion tokens with a token before them in their own sequence (a sequence's first token is
+                    # predicted by nothing, as in TRL); each is predicted by the output at the position before it
+                    first = max(comp_start, 1 - n)
+                    k = torch.arange(first, len(seq))
+                    labels[r, start + k] = torch.tensor(seq, dtype=torch.long)[k]
+                    gather.append(r * (width - 1) + start + k - 1)
+                    scatter_seq.append(torch.full_like(k, s))
+                    scatter_pos.append(k - first)
                     num_tokens += n + len(seq)
                     start += len(seq)
                 col += lengths[i]
@@ -265,9 +266,9 @@ class SharedPrefixCollator:
             "pair_ids": pair_ids,
             "branch_ids": branch_ids,
             "completion_labels": labels,
-            "gather_index": torch.tensor(gather, dtype=torch.long),
-            "scatter_seq": torch.tensor(scatter_seq, dtype=torch.long),
-            "scatter_pos": torch.tensor(scatter_pos, dtype=torch.long),
+            "gather_index": torch.cat(gather),
+            "scatter_seq": torch.cat(scatter_seq),
+            "scatter_pos": torch.cat(scatter_pos),
             "unpack_index": unpack_index,
             "unpack_completion": unpack_completion,
             "num_tokens": torch.tensor([num_tokens], dtype=torch.long),
