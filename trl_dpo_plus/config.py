@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +174,14 @@ class DPOPlusConfig(DPOConfig):
                 f"`loss_weights` has {len(self.loss_weights)} entries for {len(self.loss_type)} loss types "
                 f"{self.loss_type}; give one weight per loss."
             )
+        if self.loss_weights is not None:
+            weights = list(self.loss_weights)
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                       for w in weights) or not any(w > 0 for w in weights):
+                raise ValueError(
+                    f"`loss_weights`={weights}: each weight must be a finite number >= 0 and at least one > 0, "
+                    f"e.g. loss_weights={[1.0] * len(self.loss_type)}"
+                )
         if self.beta is None:
             self.beta = specs[0].defaults["beta"]
             logger.info("beta not set: using %s's recommended beta=%s", specs[0].name, self.beta)

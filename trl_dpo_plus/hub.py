@@ -100,7 +100,8 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
     report_path = Path(args.output_dir) / "diagnostics.json"
     if report_path.exists():
         train = json.loads(report_path.read_text()).get("train") or {}
-        summary = {k: f"{v['first']:.4g} → {v['last']:.4g}" for k, v in train.get("summary", {}).items()}
+        number = lambda v: "non-finite" if v is None else f"{v:.4g}"  # noqa: E731  (strict JSON wrote NaN as null)
+        summary = {k: f"{number(v['first'])} → {number(v['last'])}" for k, v in train.get("summary", {}).items()}
         plot = Path(args.output_dir) / "diagnostics.png"
         if plot.exists() and output_dir.resolve() != plot.parent.resolve():
             output_dir.mkdir(parents=True, exist_ok=True)

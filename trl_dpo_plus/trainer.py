@@ -31,7 +31,7 @@ from trl.trainer import utils as _trl_utils
 
 from .config import DPOPlusConfig
 from .data import check_preference_dataset
-from .diagnostics import DiagnosticCallback, DiagnosticsReportCallback, default_callbacks
+from .diagnostics import DiagnosticCallback, DiagnosticsReportCallback, NonFiniteCallback, default_callbacks
 from .hub import build_model_card
 from .layout import (
     NON_MODEL_KEYS,
@@ -433,6 +433,11 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
+        if mode == "train":
+            for callback in self.diagnostics:
+                if isinstance(callback, NonFiniteCallback):
+                    callback.record(loss if torch.is_tensor(loss) else torch.tensor(loss), forward.logps,
+                                    torch.cat([ref_chosen_logps, ref_rejected_logps]) if batch.has_reference else None)
         self._log_metrics(mode, inputs, forward, batch, loss_outputs)
 
         if return_outputs:  # deprecated in TRL: the fused LM head builds no logits, so recompute them

@@ -1,4 +1,4 @@
-"""Diagnostics: reward margins, likelihood displacement, length bias, and the end-of-run report."""
+"""Diagnostics: reward margins, likelihood displacement, length bias, non-finite values, and the end-of-run report."""
 
 from .callbacks import (
     ACTIONS,
@@ -6,6 +6,7 @@ from .callbacks import (
     Flag,
     LengthBiasCallback,
     LikelihoodDisplacementCallback,
+    NonFiniteCallback,
     RewardMarginCallback,
     default_callbacks,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "Flag",
     "LengthBiasCallback",
     "LikelihoodDisplacementCallback",
+    "NonFiniteCallback",
     "RewardMarginCallback",
     "build_report",
     "default_callbacks",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -118,14 +119,31 @@ def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagn
     return path
 
 
+def _strict(value, replaced: list[int]):
+    """The value with every NaN/±Infinity float replaced by None (strict JSON has no such tokens), counted."""
+    if isinstance(value, float) and not math.isfinite(value):
+        replaced[0] += 1
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v, replaced) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v, replaced) for v in value]
+    return value
+
+
 def write_report(log_history: list[dict], output_dir: str | Path) -> dict:
-    """Write `diagnostics.json` (and `diagnostics.png` when matplotlib is there) into `output_dir`."""
+    """Write `diagnostics.json` (strict JSON: non-finite numbers become `null`, with a note) and `diagnostics.png`
+    (when matplotlib is there) into `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(log_history)
     plot = plot_report(report, output_dir / "diagnostics.png")
     report["plot"] = plot.name if plot else None
-    (output_dir / "diagnostics.json").write_text(json.dumps(report, indent=2))
+    replaced = [0]
+    report = _strict(report, replaced)
+    if replaced[0]:
+        report["note"] = f"{replaced[0]} non-finite values (NaN or ±Infinity) are written as null"
+    (output_dir / "diagnostics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     return report
 
 
