@@ -31,7 +31,13 @@ from trl.trainer import utils as _trl_utils
 
 from .config import DPOPlusConfig
 from .data import check_preference_dataset
-from .diagnostics import DiagnosticCallback, DiagnosticsReportCallback, NonFiniteCallback, default_callbacks
+from .diagnostics import (
+    DiagnosticCallback,
+    DiagnosticsReportCallback,
+    NonFiniteCallback,
+    default_callbacks,
+    write_report,
+)
 from .hub import build_model_card
 from .layout import (
     NON_MODEL_KEYS,
@@ -177,9 +183,41 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             for callback in default_callbacks(action=args.diagnostics_action):
                 if type(callback) not in given:
                     self.add_callback(callback)
-        self.diagnostics = [cb for cb in self.callback_handler.callbacks if isinstance(cb, DiagnosticCallback)]
         if self.diagnostics and DiagnosticsReportCallback not in given:
             self.add_callback(DiagnosticsReportCallback())
+
+    @property
+    def diagnostics(self) -> list[DiagnosticCallback]:
+        """The diagnostics callbacks in use (looked up each time: a resume may replace callback objects)."""
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, DiagnosticCallback)]
+
+    def _load_callback_state(self) -> None:
+        """On resume, restore the diagnostics callbacks' state from the checkpoint (in place), whatever
+        `restore_callback_states_from_checkpoint` says for other callbacks: a resumed run must raise the same flags."""
+        super()._load_callback_state()
+        if self.args.restore_callback_states_from_checkpoint:
+            return  # Transformers rebuilt every stateful callback, ours included
+        stored = self.state.stateful_callbacks or {}
+        for callback in self.diagnostics:
+            data = stored.get(type(callback).__name__)
+            data = data[0] if isinstance(data, list) else data
+            if data and "saved_state" in data.get("attributes", {}):
+                callback.saved_state = data["attributes"]["saved_state"]
+                logger.info("Resumed %s from the checkpoint (step %s)", type(callback).__name__, callback._last_step)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; if it raises, the diagnostics report is still written from what was logged, marked
+        `interrupted` with the error, before the exception goes on."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException as err:
+            if self.diagnostics and self.is_world_process_zero():
+                try:
+                    write_report(self.state.log_history, self.args.output_dir,
+                                 interrupted=f"{type(err).__name__}: {err}"[:500])
+                except Exception as report_error:  # never mask the training error
+                    logger.warning("Could not write the diagnostics report after the error: %s", report_error)
+            raise
 
     @contextlib.contextmanager
     def _no_reference_model_loaded(self, model, ref_model):

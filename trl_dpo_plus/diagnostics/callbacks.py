@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,14 @@ def _check_positive(name, value, allow_zero=False):
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
 
 
-class DiagnosticCallback(TrainerCallback):
-    """Base class: windowed history, flag episodes, and the `warn`/`stop`/`checkpoint` actions."""
+class DiagnosticCallback(TrainerCallback, ExportableState):
+    """Base class: windowed history, flag episodes, and the `warn`/`stop`/`checkpoint` actions.
+
+    Its state (history window, open flag episodes) is saved in each checkpoint's `trainer_state.json`
+    (`stateful_callbacks`, Transformers' `ExportableState`) and restored on `train(resume_from_checkpoint=...)`, so a
+    resumed run raises the same flags at the same steps as an uninterrupted one. The `checkpoint` action's snapshot of
+    healthy weights is not saved (it is a copy of the model); after a resume it is taken again at the next healthy log.
+    """
 
     name = "diagnostic"
     needs: tuple[str, ...] = ()  # per-pair statistics this detector cannot work without
@@ -79,6 +86,29 @@ class DiagnosticCallback(TrainerCallback):
         self._last_step: int | None = None
         self._last_metrics: dict[str, float] = {}
         self._healthy_snapshot: dict[str, torch.Tensor] | None = None
+
+    # -- saved in checkpoints ----------------------------------------------------------------------------------
+    def init_args(self) -> dict:
+        """The constructor arguments that rebuild this callback (thresholds and action)."""
+        return {"window": self.window if self._window_explicit else None, "action": self.action}
+
+    def state(self) -> dict:
+        return {"args": self.init_args(), "attributes": {"saved_state": self.saved_state}}
+
+    @property
+    def saved_state(self) -> dict:
+        """What a resumed run needs to continue exactly: JSON-serialisable."""
+        return {"window": self.window, "history": list(self.history), "active": sorted(self._active),
+                "last_step": self._last_step, "last_metrics": self._last_metrics,
+                "disabled_reason": self.disabled_reason}
+
+    @saved_state.setter
+    def saved_state(self, saved: dict) -> None:
+        self.window = saved["window"]
+        self.history = deque(saved["history"], maxlen=self.window)
+        self._active = set(saved["active"])
+        self._last_step, self._last_metrics = saved["last_step"], saved["last_metrics"]
+        self.disabled_reason = saved["disabled_reason"]
 
     def reset(self) -> None:
         """Forget the history (thresholds stay): for a new run, or a one-off evaluation."""
@@ -227,6 +257,10 @@ class LikelihoodDisplacementCallback(DiagnosticCallback):
         self.chosen_drop, self.rejected_collapse = chosen_drop, rejected_collapse
         self.rejected_ratio, self.min_change = rejected_ratio, min_change
 
+    def init_args(self) -> dict:
+        return {**super().init_args(), "chosen_drop": self.chosen_drop, "rejected_collapse": self.rejected_collapse,
+                "rejected_ratio": self.rejected_ratio, "min_change": self.min_change}
+
     def evaluate(self, step, stats):
         row = {
             "displacement/chosen_logratio": stats["chosen_logratio_per_token"].double().mean().item(),
@@ -276,6 +310,20 @@ class LengthBiasCallback(DiagnosticCallback):
         self.max_r2, self.min_pairs = max_r2, min_pairs
         self._pairs: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=self.window)
 
+    def init_args(self) -> dict:
+        return {**super().init_args(), "max_r2": self.max_r2, "min_pairs": self.min_pairs}
+
+    @property
+    def saved_state(self) -> dict:
+        pairs = [[m.tolist(), g.tolist()] for m, g in self._pairs]
+        return {**DiagnosticCallback.saved_state.fget(self), "pairs": pairs}
+
+    @saved_state.setter
+    def saved_state(self, saved: dict) -> None:
+        DiagnosticCallback.saved_state.fset(self, saved)
+        pairs = [(torch.tensor(m, dtype=torch.float64), torch.tensor(g, dtype=torch.float64)) for m, g in saved["pairs"]]
+        self._pairs = deque(pairs, maxlen=self.window)
+
     def reset(self) -> None:
         super().reset()
         self._pairs.clear()
@@ -320,7 +368,7 @@ class NonFiniteCallback(DiagnosticCallback):
         "diagnostics_action='stop' to stop before a non-finite update reaches the weights"
     )
 
-    def __init__(self, *, action: str = "warn"):
+    def __init__(self, *, action: str = "warn", window: int | None = None):
         super().__init__(window=2, action=action)
         self._window_explicit = False
         self._step_checks: torch.Tensor | None = None  # per quantity: True while everything this step was finite

@@ -131,12 +131,17 @@ def _strict(value, replaced: list[int]):
     return value
 
 
-def write_report(log_history: list[dict], output_dir: str | Path) -> dict:
+def write_report(log_history: list[dict], output_dir: str | Path, interrupted: str | None = None) -> dict:
     """Write `diagnostics.json` (strict JSON: non-finite numbers become `null`, with a note) and `diagnostics.png`
-    (when matplotlib is there) into `output_dir`."""
+    (when matplotlib is there) into `output_dir`. `interrupted` (the error) marks a run that did not finish."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(log_history)
+    if interrupted is not None:
+        report["interrupted"] = interrupted
+        for mode in ("train", "eval"):
+            if mode in report:
+                report[mode]["healthy"] = False
     plot = plot_report(report, output_dir / "diagnostics.png")
     report["plot"] = plot.name if plot else None
     replaced = [0]
