@@ -16,7 +16,9 @@ from trl_dpo_plus import DPOConfig, DPOTrainer  # noqa: E402
 
 model_path, out_path = sys.argv[1], sys.argv[2]
 layout = sys.argv[4] if len(sys.argv) > 4 else "auto"
-args = DPOConfig(output_dir=out_path, loss_type="kto_pair", max_steps=2, per_device_train_batch_size=3,
+loss_type = sys.argv[5].split(",") if len(sys.argv) > 5 else ["kto_pair"]
+batch_size = int(sys.argv[6]) if len(sys.argv) > 6 else 3
+args = DPOConfig(output_dir=out_path, loss_type=loss_type, max_steps=2, per_device_train_batch_size=batch_size,
                  learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0, pair_layout=layout)
 trainer = DPOTrainer(model_path, args=args, train_dataset=make_pairs(24), processing_class=AutoTokenizer.from_pretrained(model_path))
 
@@ -30,7 +32,8 @@ def recording_loss(batch, **kwargs):
     return spec.fn(batch, **kwargs)
 
 
-trainer.loss_specs[0] = dataclasses.replace(spec, fn=recording_loss)
+if spec.name == "kto_pair":
+    trainer.loss_specs[0] = dataclasses.replace(spec, fn=recording_loss)
 
 
 class PairsSeen(TrainerCallback):

@@ -68,7 +68,7 @@ def test_command_line_parsing():
     )
     assert args.loss_type == ["simpo", "cpo"] and args.loss_weights == [1.0, 0.5]
     assert args.loss_kwargs_for("simpo") == {"beta": 2.0, "gamma": 0.5}
-    assert args.loss_kwargs_for("cpo") == {"beta": 2.0, "alpha": 0.2}
+    assert args.loss_kwargs_for("cpo") == {"beta": 0.1, "alpha": 0.2}  # β unset: each loss its own recommended β
     with pytest.raises(ValueError, match="Did you mean 'simpo'"):
         parser.parse_args_into_dataclasses(["--output_dir", "/tmp/x", "--loss_type", "simp"])
 

@@ -12,14 +12,18 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-def two_process_run(model_path, out_path, layout="auto", port=29517):
+def launch(model_path, out_path, layout="auto", port=29517, loss="kto_pair", batch_size=3, processes=2):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port),
-                             str(HERE / "_two_process_run.py"), model_path, str(out_path), str(HERE), layout], env=env,
-                            capture_output=True, text=True, timeout=600)
+    return subprocess.run([torchrun, "--nproc_per_node", str(processes), "--master_port", str(port),
+                           str(HERE / "_two_process_run.py"), model_path, str(out_path), str(HERE), layout, loss,
+                           str(batch_size)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def two_process_run(model_path, out_path, layout="auto", port=29517, **kwargs):
+    result = launch(model_path, out_path, layout, port, **kwargs)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((out_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out_path / f"rank{r}.json").read_text()) for r in range(kwargs.get("processes", 2))]
 
 
 @pytest.mark.slow
@@ -50,3 +54,22 @@ def test_two_processes_train_the_same_in_both_layouts(tiny_models, tmp_path):
     assert shared[0]["losses"] == pytest.approx(padded[0]["losses"], abs=1e-5)
     assert shared[0]["grad_norms"] == pytest.approx(padded[0]["grad_norms"], abs=1e-4)
     assert shared[0]["seen"][1]["chosen_kl"] == pytest.approx(padded[0]["seen"][1]["chosen_kl"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_token_mean_sft_term_on_two_processes_equals_one_process(tiny_models, tmp_path):
+    """A sigmoid + sft mix: 2 processes × 3 pairs train like 1 process × 6 pairs (the sft token mean is global)."""
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = two_process_run(tiny_models["llama"], tmp_path / "two", port=29520, loss="sigmoid,sft", batch_size=3)
+    one = two_process_run(tiny_models["llama"], tmp_path / "one", port=29521, loss="sigmoid,sft", batch_size=6,
+                          processes=1)
+    assert two[0]["losses"] == pytest.approx(one[0]["losses"], abs=1e-5)
+    assert two[0]["grad_norms"] == pytest.approx(one[0]["grad_norms"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_aot_refuses_several_processes_with_a_clear_message(tiny_models, tmp_path):
+    result = launch(tiny_models["llama"], tmp_path, port=29522, loss="aot", batch_size=3)
+    assert result.returncode != 0
+    assert "sort the log-ratios across the batch" in result.stderr and "one process" in result.stderr

@@ -78,3 +78,33 @@ def test_a_healthy_run_raises_no_nonfinite_flag(tiny_models, tokenizer, tmp_path
 def test_loss_weights_must_be_finite_non_negative_and_not_all_zero(weights):
     with pytest.raises(ValueError, match="loss_weights"):
         DPOConfig(output_dir="x", loss_type=["sigmoid", "sft"], loss_weights=weights)
+
+
+def test_each_loss_in_a_mix_takes_its_own_beta_unless_one_is_set(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus.config"):
+        args = DPOConfig(output_dir="x", loss_type=["simpo", "sigmoid"])
+    assert args.loss_kwargs_for("simpo")["beta"] == 2.0 and args.loss_kwargs_for("sigmoid")["beta"] == 0.1
+    assert "simpo=2.0, sigmoid=0.1" in caplog.text
+    args = DPOConfig(output_dir="x", loss_type=["simpo", "sigmoid"], beta=0.3)
+    assert args.loss_kwargs_for("simpo")["beta"] == args.loss_kwargs_for("sigmoid")["beta"] == 0.3
+
+
+def test_a_mix_trains_each_loss_at_its_own_beta(tiny_models, tokenizer, tmp_path):
+    args = DPOConfig(output_dir=str(tmp_path), loss_type=["simpo", "sigmoid"], max_steps=1, report_to=[],
+                     per_device_train_batch_size=4, save_strategy="no")
+    trainer = DPOTrainer(tiny_models["llama"], args=args, train_dataset=make_pairs(8), processing_class=tokenizer)
+    assert [kw["beta"] for kw in trainer.loss_kwargs] == [2.0, 0.1]
+
+
+def test_label_smoothing_for_a_loss_that_ignores_it_warns(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus.config"):
+        DPOConfig(output_dir="x", loss_type="sigmoid", label_smoothing=0.1)
+    assert "label_smoothing=0.1 has no effect" in caplog.text and "robust" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus.config"):
+        DPOConfig(output_dir="x", loss_type=["sigmoid", "robust"], label_smoothing=0.1)
+    assert "has no effect" not in caplog.text

@@ -42,7 +42,8 @@ class DPOPlusConfig(DPOConfig):
     here, before any model is loaded.
 
     Differences from TRL's defaults:
-    - `beta`: `None` means the first loss's recommended β (0.1 for DPO, 2.0 for SimPO, 5.0 for LN-DPO).
+    - `beta`: `None` means each loss's recommended β (0.1 for DPO, 2.0 for SimPO, 5.0 for LN-DPO), also in a mix;
+      `beta` then holds the first loss's.
     - On a machine without a GPU the config selects the CPU (`use_cpu=True`) and float32 unless `bf16` was set
       explicitly, and says so once in the log (TRL's `DPOConfig()` refuses to start there).
 
@@ -183,8 +184,12 @@ class DPOPlusConfig(DPOConfig):
                     f"e.g. loss_weights={[1.0] * len(self.loss_type)}"
                 )
         if self.beta is None:
+            # Each loss then runs at its own recommended β (a mix of simpo and sigmoid must not run sigmoid at 2.0);
+            # `beta` holds the first loss's, for what TRL reads from it.
+            self._beta_per_loss = True
             self.beta = specs[0].defaults["beta"]
-            logger.info("beta not set: using %s's recommended beta=%s", specs[0].name, self.beta)
+            logger.info("beta not set: each loss uses its recommended beta (%s)",
+                        ", ".join(f"{s.name}={s.defaults['beta']}" for s in specs))
 
         if isinstance(self.loss_kwargs, str):
             try:
@@ -203,6 +208,14 @@ class DPOPlusConfig(DPOConfig):
                 raise TypeError(f"`loss_kwargs[{name!r}]` must be a mapping of hyperparameters, got {kwargs!r}")
         for name in self.loss_type:
             self.loss_kwargs_for(name)  # validates names, types and ranges now, not at step 1
+        for config_field, keyword in SHARED_LOSS_FIELDS.items():
+            value = getattr(self, config_field)
+            if value != type(self).__dataclass_fields__[config_field].default and not any(
+                keyword in spec.defaults for spec in specs
+            ):
+                users = sorted(n for n in list_losses() if keyword in get_loss(n).defaults)
+                logger.warning("%s=%s has no effect: none of %s uses it (it applies to %s)", config_field, value,
+                               self.loss_type, users)
 
         f_div = {s.name for s in specs if not s.supports_f_divergence}
         if self.f_divergence_type != "reverse_kl" and f_div:
@@ -252,7 +265,7 @@ class DPOPlusConfig(DPOConfig):
     def loss_kwargs_for(self, name: str) -> dict[str, Any]:
         """The validated hyperparameters loss `name` runs with: its defaults < beta & shared fields < loss_kwargs."""
         accepted = get_loss(name).defaults
-        kwargs = {"beta": self.beta}
+        kwargs = {} if getattr(self, "_beta_per_loss", False) else {"beta": self.beta}
         for config_field, keyword in SHARED_LOSS_FIELDS.items():
             value = getattr(self, config_field)
             if keyword in accepted and value != type(self).__dataclass_fields__[config_field].default:

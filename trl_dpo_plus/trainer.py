@@ -169,6 +169,14 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             raw_sizes["eval"] = _size(kwargs.get("eval_dataset"))
         with self._no_reference_model_loaded(model, ref_model):
             super().__init__(model, ref_model, args, **kwargs)
+        sorted_across_batch = sorted({"aot", "aot_unpaired"} & set(args.loss_type))
+        if sorted_across_batch and self.accelerator.num_processes > 1:
+            raise ValueError(
+                f"{sorted_across_batch} sort the log-ratios across the batch, and with {self.accelerator.num_processes} "
+                "processes each would sort only its own pairs, which is a different loss than on one process. Train "
+                "them on one process (raise per_device_train_batch_size or gradient_accumulation_steps for the same "
+                "batch), or choose a per-pair loss such as 'sigmoid'."
+            )
         self._install_layout()
         self.truncation_counts = self._count_truncation(raw_sizes)
         DPOPlusTrainer.instances_created += 1
@@ -443,7 +451,11 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 sums = self.accelerator.reduce(sums, reduction="sum")
                 chosen_kl, rejected_kl = sums[0] / sums[2], sums[1] / sums[2]
 
+        chosen_tokens = None
+        if self.accelerator.num_processes > 1:  # token-mean terms (sft, rpo) over the global batch
+            chosen_tokens = self.accelerator.reduce(chosen_lengths.sum().float().detach(), reduction="mean")
         batch = PreferenceBatch(
+            chosen_tokens=chosen_tokens,
             chosen_logps=chosen_logps,
             rejected_logps=rejected_logps,
             chosen_lengths=chosen_lengths,

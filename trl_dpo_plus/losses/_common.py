@@ -30,9 +30,13 @@ def per_token(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def sft_nll(batch: PreferenceBatch) -> torch.Tensor:
-    """Token-mean NLL of the chosen completions over the whole batch (cross-entropy on chosen), a scalar."""
+    """Token-mean NLL of the chosen completions over the whole batch (cross-entropy on chosen), a scalar.
+
+    The denominator is `batch.chosen_tokens` when the trainer gives it (the global token count per process, so that
+    the gradient averaged over processes is the one-process gradient), else this batch's chosen tokens."""
     nll = -batch.chosen_logps if batch.chosen_nll is None else batch.chosen_nll
-    return nll.sum() / batch.chosen_lengths.sum().clamp(min=1).to(nll.dtype)
+    tokens = batch.chosen_lengths.sum() if batch.chosen_tokens is None else batch.chosen_tokens
+    return nll.sum() / tokens.clamp(min=1).to(nll.dtype)
 
 
 def dpo_rewards(batch: PreferenceBatch, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

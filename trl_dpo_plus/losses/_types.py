@@ -27,6 +27,9 @@ class PreferenceBatch:
             means reverse KL, i.e. the plain log-ratios `lw - rw`, `ll - rl`.
         chosen_kl, rejected_kl: 0-dim batch-level baselines `mean(lw - rw)`, `mean(ll - rl)` over the *global* batch
             (all processes), for losses with `requires_kl=True` (kto_pair). `None` means "use this batch".
+        chosen_tokens: 0-dim chosen-token count of the global batch divided by the number of processes, for
+            token-mean terms (sft, rpo): with it, the gradient averaged over processes equals one process's on the
+            whole batch. `None` means "this batch's count".
     """
 
     chosen_logps: torch.Tensor
@@ -40,6 +43,7 @@ class PreferenceBatch:
     rejected_scores: torch.Tensor | None = None
     chosen_kl: torch.Tensor | None = None
     rejected_kl: torch.Tensor | None = None
+    chosen_tokens: torch.Tensor | None = None
 
     def __post_init__(self):
         size = self.chosen_logps.shape
