@@ -198,10 +198,19 @@ class DPOPlusConfig(DPOConfig):
                 raise ValueError(
                     f"`loss_kwargs` is not valid JSON ({err}): write it like '{{\"simpo\": {{\"gamma\": 0.5}}}}'"
                 ) from err
+        example = '{"%s": {"beta": 0.2}}' % self.loss_type[0]
+        if self.loss_kwargs is not None and not isinstance(self.loss_kwargs, dict):
+            raise TypeError(
+                f"`loss_kwargs` must be a mapping keyed by loss name, e.g. {example}; got {type(self.loss_kwargs).__name__} "
+                f"{self.loss_kwargs!r:.80}"
+            )
         self.loss_kwargs = dict(self.loss_kwargs or {})
         for name, kwargs in self.loss_kwargs.items():
             if name not in self.loss_type:
+                flat = any(name in spec.defaults for spec in specs)
                 raise ValueError(
+                    f"`loss_kwargs` must be keyed by loss name, e.g. {example}: {name!r} is a hyperparameter, not a "
+                    f"loss in loss_type={self.loss_type}" if flat else
                     f"`loss_kwargs` sets hyperparameters for {name!r}, which is not in loss_type={self.loss_type}"
                 )
             if not isinstance(kwargs, dict):

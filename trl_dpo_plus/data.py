@@ -23,33 +23,79 @@ class PairCounts:
         return self.empty_completion + self.identical
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _text(value) -> str:
-    """Plain text of a field: the string itself, or the concatenated contents of a conversational message list."""
+    """Plain text of a field: the string itself, or the concatenated contents of a conversational message list (a
+    tool-call turn counts by its calls)."""
     if isinstance(value, str):
         return value
-    return "".join(str(m.get("content", "")) for m in value)
+    return "".join(str(m.get("content") or "") + (str(m["tool_calls"]) if m.get("tool_calls") else "") for m in value)
 
 
 def _check_field(value, column: str, row: int) -> None:
+    """A string, or a list of messages as TRL takes them: a known role, and string content (or `None`/absent content
+    on a turn that carries `tool_calls`)."""
+    def fail(problem: str, fix: str, error=ValueError):
+        raise error(f"Row {row}, column {column!r}: {problem}. {fix}")
+
     if isinstance(value, str):
         return
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return
-    raise TypeError(
-        f"Row {row}, column {column!r}: expected a string (or a list of {{'role', 'content'}} messages), got "
-        f"{type(value).__name__} {value!r:.80}. Convert the column to text before training."
-    )
+    if not isinstance(value, list) or not value:
+        fail(f"expected a string or a non-empty list of messages, got {type(value).__name__} {value!r:.80}",
+             "Convert the column to text (or to [{'role': ..., 'content': ...}] messages) before training.", TypeError)
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message:
+            fail(f"message {i} is {message!r:.80}, not a {{'role', 'content'}} mapping",
+                 "Each message needs a 'role' and a 'content'.")
+        if message["role"] not in ROLES:
+            fail(f"message {i} has the unknown role {message['role']!r}", f"Use one of {list(ROLES)}.")
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            fail(f"message {i} ({message['role']}) has no content",
+                 "Give it a 'content' string (it may be empty), or 'tool_calls' for a tool-call turn.")
+        if content is not None and not isinstance(content, (str, list)):
+            fail(f"message {i} has content of type {type(content).__name__}", "Content must be a string.")
+
+
+def check_row(example: dict, row: int, name: str = "train") -> None:
+    """The checks on one row: each field's type and messages, and one format (plain text or conversational) for all."""
+    fields = [c for c in ("prompt", "chosen", "rejected") if c in example]
+    for column in fields:
+        _check_field(example[column], f"{name}:{column}" if name != "train" else column, row)
+    kinds = {c: "conversational" if isinstance(example[c], list) else "text" for c in fields}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(
+            f"Row {row} mixes formats: {kinds}. Use plain strings for all of prompt/chosen/rejected, or message lists "
+            "for all (a conversational prompt needs conversational completions)."
+        )
+
+
+def _check_streamed(dataset: IterableDataset, name: str) -> IterableDataset:
+    """Rows of a streamed dataset are checked as they stream, with the same errors (naming the row)."""
+    def check(example, index):
+        check_row(example, index, name)
+        return example
+
+    return dataset.map(check, with_indices=True)
 
 
 def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: bool = False):
     """Validate a prompt/chosen/rejected dataset; count (and optionally drop) empty or identical pairs.
 
-    Raises on a missing column (naming the columns the dataset has), on unpaired KTO-style data, and on non-string
-    fields (naming the row). A `datasets.IterableDataset` is checked on its first example only.
+    Raises on an empty dataset, a missing column (naming the columns the dataset has), unpaired KTO-style data,
+    non-string fields, malformed messages and mixed formats (naming the row). A `datasets.IterableDataset` is checked
+    row by row as it streams.
     """
     if isinstance(dataset, IterableDataset):
-        columns = list(next(iter(dataset)).keys())
+        try:
+            columns = list(next(iter(dataset)).keys())
+        except StopIteration:
+            raise ValueError(f"The {name} dataset is empty: it yields no rows. Check the data files and split.") from None
     elif isinstance(dataset, Dataset):
+        if len(dataset) == 0:
+            raise ValueError(f"The {name} dataset is empty (0 rows). Check the data files, the split and any filter.")
         columns = dataset.column_names
     else:
         return dataset  # dicts of datasets are checked one by one by the caller
@@ -63,15 +109,14 @@ def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: b
             f"'prompt' (optional when chosen/rejected carry it), 'chosen' and 'rejected'; this one has {columns}.{hint}"
         )
     if isinstance(dataset, IterableDataset):
-        return dataset
+        return _check_streamed(dataset, name)
 
     fields = [c for c in ("prompt", "chosen", "rejected") if c in columns]
     data = dataset.select_columns(fields).to_dict()
     counts = PairCounts(total=len(dataset))
     keep = []
     for row in range(len(dataset)):
-        for column in fields:
-            _check_field(data[column][row], column, row)
+        check_row({c: data[c][row] for c in fields}, row, name)
         chosen, rejected = _text(data["chosen"][row]), _text(data["rejected"][row])
         empty = not chosen.strip() or not rejected.strip()
         identical = not empty and chosen.strip() == rejected.strip()

@@ -79,6 +79,20 @@ def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> tor
     raise ValueError(f"Unknown f_divergence_type: {kind!r}")
 
 
+def _looks_local(name: str) -> bool:
+    """A Hub id is "name" or "org/name"; a path starts with / . ~ or has more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _without_filter(args):
+    """A copy of `args` under which TRL's preparation keeps every pair (it drops only under `keep_start`)."""
+    import copy
+
+    args = copy.copy(args)
+    args.truncation_mode = "keep_completions"
+    return args
+
+
 def _size(dataset) -> int | None:
     """Rows of a map-style dataset before TRL prepares it; `None` for streamed data."""
     return len(dataset) if isinstance(dataset, Dataset) else None
@@ -155,6 +169,11 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 model, args, kwargs.get("peft_config"), kwargs.get("quantization_config")
             )
 
+        if isinstance(model, str) and _looks_local(model) and not os.path.exists(os.path.expanduser(model)):
+            raise FileNotFoundError(
+                f"Model path {model!r} does not exist. Give an existing local folder, or a Hub id such as "
+                "'Qwen/Qwen2.5-0.5B-Instruct'."
+            )
         self.layout = PaddedPairLayout()
         self.layout_reason = "not chosen yet"
         self._layout_installed = False
@@ -179,6 +198,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             )
         self._install_layout()
         self.truncation_counts = self._count_truncation(raw_sizes)
+        self._check_token_ids()
         DPOPlusTrainer.instances_created += 1
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
@@ -304,18 +324,56 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
 
-    def _count_truncation(self, raw_sizes: dict[str, int | None]) -> dict[str, dict[str, int]]:
-        """Per split: pairs kept, pairs TRL's preparation dropped (prompt alone fills `max_length` under
-        `keep_start`), and kept pairs that `max_length` truncates; logged once per split that loses anything."""
+    def _prepared_datasets(self) -> dict:
         datasets = {"train": self.train_dataset}
         if isinstance(self.eval_dataset, dict):
             datasets.update(self.eval_dataset)
         elif self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
+        return {name: ds for name, ds in datasets.items() if isinstance(ds, Dataset) and "prompt_ids" in ds.column_names}
+
+    def _check_token_ids(self) -> None:
+        """Token ids the model's embedding has no row for (a tokenizer with added tokens and no resize) fail here, at
+        preparation, naming the token and the fix, not with an IndexError at step 1."""
+        embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
+        size = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
+        for name, dataset in self._prepared_datasets().items():
+            for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                values = pc.list_flatten(dataset.select_columns([column]).with_format("arrow")[:].column(column))
+                if len(values) == 0:
+                    continue
+                top = pc.max(values).as_py()
+                if top is not None and top >= size:
+                    token = self._tokenizer.convert_ids_to_tokens(int(top))
+                    raise ValueError(
+                        f"The {name} dataset has token id {top} ({token!r}) in {column!r}, but the model's embedding has "
+                        f"{size} rows (ids 0..{size - 1}). The tokenizer has tokens the model does not: call "
+                        "model.resize_token_embeddings(len(tokenizer)) before training, or use the model's own tokenizer."
+                    )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's preparation; when `max_length` leaves nothing of a dataset, a clear error instead of
+        `num_samples=0` at the first step (or an evaluation on nothing)."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if isinstance(prepared, Dataset) and len(prepared) == 0 and isinstance(dataset, Dataset) and len(dataset) > 0:
+            lengths = sorted(len(ids) for ids in super()._prepare_dataset(
+                dataset, processing_class, _without_filter(args), dataset_name)["prompt_ids"])
+            pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
+            raise ValueError(
+                f"Every one of the {len(dataset)} pairs of the {dataset_name} dataset was dropped: its prompt alone "
+                f"fills max_length={args.max_length} tokens (prompt length p10/p50/p90/max: {pick(0.1)}/{pick(0.5)}/"
+                f"{pick(0.9)}/{lengths[-1]}). Raise max_length above the prompt lengths, or set "
+                "truncation_mode='keep_completions' to cut the prompt's start instead."
+            )
+        return prepared
+
+    def _count_truncation(self, raw_sizes: dict[str, int | None]) -> dict[str, dict[str, int]]:
+        """Per split: pairs kept, pairs TRL's preparation dropped (prompt alone fills `max_length` under
+        `keep_start`), and kept pairs that `max_length` truncates; logged once per split that loses anything."""
         counts = {}
         max_length, mode = self.args.max_length, self.args.truncation_mode
-        for name, dataset in datasets.items():
-            if raw_sizes.get(name) is None or not isinstance(dataset, Dataset) or "prompt_ids" not in dataset.column_names:
+        for name, dataset in self._prepared_datasets().items():
+            if raw_sizes.get(name) is None:
                 continue  # streamed data: lengths are not known up front
             columns = [f"{c}_ids" for c in ("prompt", "chosen", "rejected")]
             table = dataset.select_columns(columns).with_format("arrow")[:]  # through TRL's filter's indices
@@ -608,6 +666,11 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and not getattr(self, "_counts_logged", False):  # once: trackers get the data's losses too
+            self._counts_logged = True
+            for split, counts in self.truncation_counts.items():
+                logs[f"{METRIC_PREFIX}/{split}_pairs_dropped"] = float(counts["dropped"])
+                logs[f"{METRIC_PREFIX}/{split}_pairs_truncated"] = float(counts["truncated"])
         stats = self.pair_statistics(mode)
         self.last_pair_statistics = stats
         step = self.state.global_step
