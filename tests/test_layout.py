@@ -203,13 +203,13 @@ def test_every_loss_trains_the_same_step_in_both_layouts(loss, tiny_models, toke
 
 # -- where it cannot be exact: the padded layout, and the reason ---------------------------------------------------
 def test_sliding_window_shorter_than_max_length_falls_back(tokenizer, tmp_path, caplog):
-    model = tiny_model(tmp_path, tokenizer, "mistral", "sdpa", sliding_window=16)
+    model = tiny_model(tmp_path, tokenizer, "mistral", "sdpa", sliding_window=32)
     with caplog.at_level(logging.INFO, logger="trl_dpo_plus.trainer"):
         trainer = trainer_for(model, tokenizer, tmp_path, max_length=64)
     assert trainer.layout.name == "padded" and "sliding-window" in trainer.layout_reason
     assert "Pair layout: padded" in caplog.text
     # a window no shorter than max_length never bites: the shared layout is exact there
-    assert trainer_for(model, tokenizer, tmp_path, max_length=16).layout.name == "shared_prefix"
+    assert trainer_for(model, tokenizer, tmp_path, max_length=32).layout.name == "shared_prefix"
     with pytest.raises(ValueError, match="sliding-window"):
         trainer_for(model, tokenizer, tmp_path, max_length=64, pair_layout="shared_prefix")
 

@@ -76,4 +76,4 @@ def test_transformers_callback_state_restore_is_unchanged():
     # transformers is not range-pinned, so this checks the structure; tests/test_resume.py checks the behaviour
     source = inspect.getsource(Trainer._load_callback_state)
     assert "restore_callback_states_from_checkpoint" in source and "stateful_callbacks" in source, transformers.__version__
-    assert "self._load_callback_state()" in inspect.getsource(Trainer._inner_training_loop), transformers.__version__
+    assert "self._load_callback_state()" in inspect.getsource(transformers.trainer), transformers.__version__
