@@ -138,6 +138,12 @@ def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: b
     return dataset
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A Hub id is "name" or "org/name"; a name that starts with / . ~ or has more than one slash is a local path
+    (and, if it does not exist, a mistyped one)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -170,9 +176,6 @@ def load_preference_dataset(name_or_path: str, config: str | None = None, stream
         if len(kinds) > 1:
             raise ValueError(f"Dataset folder {path} mixes file types {sorted(kinds)}; keep one type per folder")
         return load_dataset(kinds.pop(), data_files=files, streaming=streaming)
-    # A Hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path
-    looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-                   or path.suffix.lower() in DATA_FILE_TYPES)
-    if looks_local:
+    if looks_like_local_path(name_or_path) or path.suffix.lower() in DATA_FILE_TYPES:
         raise FileNotFoundError(f"Dataset path {name_or_path!r} does not exist")
     return load_dataset(name_or_path, name=config, streaming=streaming)

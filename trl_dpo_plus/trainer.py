@@ -1,11 +1,12 @@
 """`DPOPlusTrainer`: TRL's `DPOTrainer` with the loss taken from the trl_dpo_plus registry.
 
-This module is the only place that touches TRL internals. It overrides two private methods, `_compute_loss` (TRL
-hard-codes its losses there) and `_precompute_ref_logps` (to collate in the shared-prefix layout), and
-`compute_ref_log_probs`; for reference-free losses it keeps TRL's `__init__` from loading a reference model; for the
-shared-prefix layout it has TRL's fused LM head score only labelled positions on every device (TRL does so on Triton
-devices only). `tests/test_trl_contract.py` pins the upstream code all of these rely on and fails loudly when TRL
-changes it.
+This module is the only place that touches TRL and Transformers internals. It overrides TRL's private `_compute_loss`
+(TRL hard-codes its losses there), `_precompute_ref_logps` (to collate in the shared-prefix layout) and
+`_prepare_dataset` (a clear error when `max_length` drops every pair), TRL's `compute_ref_log_probs`, and
+Transformers' private `_load_callback_state` (to restore the diagnostics on resume). For reference-free losses it keeps
+TRL's `__init__` from loading a reference model; for the shared-prefix layout it has TRL's fused LM head score only
+labelled positions on every device (TRL does so on Triton devices only). `tests/test_trl_contract.py` pins the upstream
+code all of these rely on and fails loudly when it changes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from trl.trainer import dpo_trainer as _trl_dpo
 from trl.trainer import utils as _trl_utils
 
 from .config import DPOPlusConfig
-from .data import check_preference_dataset
+from .data import check_preference_dataset, looks_like_local_path
 from .diagnostics import (
     DiagnosticCallback,
     DiagnosticsReportCallback,
@@ -77,11 +78,6 @@ def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> tor
         t = torch.clamp(((alpha - 1.0) * logratios).float(), max=clamp_max)
         return (torch.exp(t) - 1.0).to(dtype) * (1.0 / (alpha - 1.0))
     raise ValueError(f"Unknown f_divergence_type: {kind!r}")
-
-
-def _looks_local(name: str) -> bool:
-    """A Hub id is "name" or "org/name"; a path starts with / . ~ or has more than one slash."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def _without_filter(args):
@@ -169,7 +165,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 model, args, kwargs.get("peft_config"), kwargs.get("quantization_config")
             )
 
-        if isinstance(model, str) and _looks_local(model) and not os.path.exists(os.path.expanduser(model)):
+        if isinstance(model, str) and looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
             raise FileNotFoundError(
                 f"Model path {model!r} does not exist. Give an existing local folder, or a Hub id such as "
                 "'Qwen/Qwen2.5-0.5B-Instruct'."
