@@ -108,3 +108,14 @@ def test_label_smoothing_for_a_loss_that_ignores_it_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="trl_dpo_plus.config"):
         DPOConfig(output_dir="x", loss_type=["sigmoid", "robust"], label_smoothing=0.1)
     assert "has no effect" not in caplog.text
+
+
+@pytest.mark.slow
+def test_checkpoint_action_saves_finite_weights_and_stops(tiny_models, tokenizer, tmp_path):
+    trainer = run(tiny_models["llama"], tokenizer, tmp_path, learning_rate=1e3, diagnostics_action="checkpoint")
+    saved = sorted(tmp_path.glob("last-healthy-checkpoint-step-*"))
+    assert trainer.state.global_step < 8 and saved
+    from safetensors.torch import load_file
+
+    weights = load_file(str(saved[0] / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
