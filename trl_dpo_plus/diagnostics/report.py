@@ -78,6 +78,7 @@ def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagn
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         logger.warning("matplotlib is not installed (pip install 'trl-dpo-plus[plot]'): no diagnostics plot")
         return None
@@ -89,28 +90,42 @@ def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagn
     for name, color, label in (("chosen_logratio", "tab:green", "chosen"), ("rejected_logratio", "tab:red", "rejected")):
         if name in series:
             steps, values = zip(*series[name])
-            top.plot(steps, values, color=color, label=f"{label}: log π/π_ref per token")
+            top.plot(steps, values, color=color, marker="o", ms=2.5, label=f"{label}: log π/π_ref per token")
     top.axhline(0, color="grey", lw=0.8)
     top.set_ylabel("nats / token")
     if "chosen_logratio" not in series:
         top.text(0.5, 0.5, "no reference log-ratios (reference-free loss)", ha="center", transform=top.transAxes)
     else:
-        top.legend(loc="lower left", fontsize=8)
+        top.legend(loc="best", fontsize=8)
     top.set_title(title)
     if "margin_p10" in series:
         steps, p10 = zip(*series["margin_p10"])
         _, p90 = zip(*series["margin_p90"])
         bottom.fill_between(steps, p10, p90, color="tab:blue", alpha=0.25, label="margin p10–p90")
-        bottom.plot(*zip(*series["margin_p50"]), color="tab:blue", label="margin p50")
+        bottom.plot(*zip(*series["margin_p50"]), color="tab:blue", marker="o", ms=2.5, label="margin p50")
     elif "margin_mean" in series:
         bottom.plot(*zip(*series["margin_mean"]), color="tab:blue", label="margin mean")
     bottom.axhline(0, color="grey", lw=0.8)
     bottom.set_xlabel("step")
     bottom.set_ylabel("reward margin")
+    by_step: dict = {}
     for flag in train["flags"]:
+        by_step.setdefault(flag["step"], []).append(flag["flag"])
+    for step, names in by_step.items():  # one label per step, so flags raised together do not overprint
         for ax in (top, bottom):
-            ax.axvline(flag["step"], color="tab:orange", ls="--", lw=1)
-        top.annotate(flag["flag"], (flag["step"], top.get_ylim()[1]), rotation=90, va="top", fontsize=7, color="tab:orange")
+            ax.axvline(step, color="tab:orange", ls="--", lw=1)
+        top.annotate(", ".join(names), (step, top.get_ylim()[1]), rotation=90, va="top", fontsize=7, color="tab:orange")
+    nonfinite = [f["step"] for f in train["flags"] if f["flag"] == "nonfinite"]
+    if nonfinite:
+        top.text(0.98, 0.95, f"non-finite values from step {min(nonfinite)}:\nthe run diverged; later points are missing",
+                 ha="right", va="top", transform=top.transAxes, color="tab:red", fontsize=9)
+    plotted = ("chosen_logratio", "rejected_logratio", "margin_p10", "margin_p50", "margin_p90", "margin_mean")
+    steps = [step for name in plotted for step, _ in series.get(name, [])]
+    if steps:  # every logged step, also those whose values were non-finite (a diverged run shows where it went)
+        low, high = min(steps), max(steps)
+        pad = max(1.0 if high - low < 2 else 0.5, 0.03 * (high - low))
+        bottom.set_xlim(low - pad, high + pad)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     bottom.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     path = Path(path)
