@@ -117,7 +117,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "loss_kwargs": {loss["name"]: loss["kwargs"] for loss in losses},
         "reference": reference_mode(trainer), "quantization": _quantization(model), "lora": _lora(model),
         "pair_layout": trainer.layout.name, "truncation_mode": args.truncation_mode,
-        "pairs": getattr(trainer, "truncation_counts", None),
+        "pairs": trainer.truncation_counts,
         "steps": trainer.state.global_step,
         "final_reward_accuracy": training["final reward accuracy"], "final_reward_margin": training["final reward margin"],
         "diagnostics_flags": [f["flag"] for f in diagnostics["flags"]] if diagnostics else None,

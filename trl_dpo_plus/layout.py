@@ -29,11 +29,6 @@ from typing import Any
 import torch
 
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-# Keys of a packed batch that are bookkeeping, not model inputs
-PACKED_KEYS = {
-    "pair_ids", "branch_ids", "completion_labels", "gather_index", "scatter_seq", "scatter_pos", "unpack_index",
-    "unpack_completion", "num_tokens", "ref_chosen_logps", "ref_rejected_logps",
-}
 TOKEN_FIELDS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 # Truncation modes: TRL's two, and one that keeps the pair's prompt identical for both completions
@@ -387,9 +382,12 @@ class PaddedPairCollator:
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __post_init__(self):
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+        self._collate = DataCollatorForPreference(pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         truncated = []
         for e in examples:
             shared, chosen, start, rejected, _ = truncate_pair(
@@ -397,5 +395,4 @@ class PaddedPairCollator:
             )
             truncated.append({**e, "prompt_ids": shared + chosen[:start], "chosen_ids": chosen[start:],
                               "rejected_ids": rejected[start:]})
-        collate = DataCollatorForPreference(pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
-        return collate(truncated)
+        return self._collate(truncated)

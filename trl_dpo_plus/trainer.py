@@ -58,6 +58,7 @@ from .qlora import prepare_adapter_training
 logger = logging.getLogger(__name__)
 
 METRIC_PREFIX = "dpo_plus"
+TOKEN_ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _TRL_INIT_ARGS = (
     "data_collator", "train_dataset", "eval_dataset", "processing_class", "compute_metrics", "callbacks",
     "optimizers", "quantization_config", "peft_config",
@@ -193,8 +194,10 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 "batch), or choose a per-pair loss such as 'sigmoid'."
             )
         self._install_layout()
-        self.truncation_counts = self._count_truncation(raw_sizes)
-        self._check_token_ids()
+        token_ids = self._token_id_tables()
+        self.truncation_counts = self._count_truncation(raw_sizes, token_ids)
+        self._counts_logged = False
+        self._check_token_ids(token_ids)
         DPOPlusTrainer.instances_created += 1
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
@@ -320,22 +323,25 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
 
-    def _prepared_datasets(self) -> dict:
+    def _token_id_tables(self) -> dict:
+        """Per prepared map-style split, its `prompt_ids`/`chosen_ids`/`rejected_ids` as one Arrow table, read once
+        through TRL's filter's indices (streamed splits are not known up front)."""
         datasets = {"train": self.train_dataset}
         if isinstance(self.eval_dataset, dict):
             datasets.update(self.eval_dataset)
         elif self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
-        return {name: ds for name, ds in datasets.items() if isinstance(ds, Dataset) and "prompt_ids" in ds.column_names}
+        return {name: ds.select_columns(list(TOKEN_ID_COLUMNS)).with_format("arrow")[:]
+                for name, ds in datasets.items() if isinstance(ds, Dataset) and "prompt_ids" in ds.column_names}
 
-    def _check_token_ids(self) -> None:
+    def _check_token_ids(self, tables: dict) -> None:
         """Token ids the model's embedding has no row for (a tokenizer with added tokens and no resize) fail here, at
         preparation, naming the token and the fix, not with an IndexError at step 1."""
         embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
         size = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
-        for name, dataset in self._prepared_datasets().items():
-            for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
-                values = pc.list_flatten(dataset.select_columns([column]).with_format("arrow")[:].column(column))
+        for name, table in tables.items():
+            for column in TOKEN_ID_COLUMNS:
+                values = pc.list_flatten(table.column(column))
                 if len(values) == 0:
                     continue
                 top = pc.max(values).as_py()
@@ -363,25 +369,23 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             )
         return prepared
 
-    def _count_truncation(self, raw_sizes: dict[str, int | None]) -> dict[str, dict[str, int]]:
+    def _count_truncation(self, raw_sizes: dict[str, int | None], tables: dict) -> dict[str, dict[str, int]]:
         """Per split: pairs kept, pairs TRL's preparation dropped (prompt alone fills `max_length` under
         `keep_start`), and kept pairs that `max_length` truncates; logged once per split that loses anything."""
         counts = {}
         max_length, mode = self.args.max_length, self.args.truncation_mode
-        for name, dataset in self._prepared_datasets().items():
+        for name, table in tables.items():
             if raw_sizes.get(name) is None:
-                continue  # streamed data: lengths are not known up front
-            columns = [f"{c}_ids" for c in ("prompt", "chosen", "rejected")]
-            table = dataset.select_columns(columns).with_format("arrow")[:]  # through TRL's filter's indices
-            prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy() for c in columns)
+                continue
+            prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy() for c in TOKEN_ID_COLUMNS)
             longest = np.maximum(chosen, rejected)
             truncated = 0 if max_length is None else int((prompt + longest > max_length).sum())
-            dropped = raw_sizes[name] - len(dataset)
-            counts[name] = {"pairs": len(dataset), "dropped": dropped, "truncated": truncated}
+            dropped = raw_sizes[name] - table.num_rows
+            counts[name] = {"pairs": table.num_rows, "dropped": dropped, "truncated": truncated}
             if not (dropped or truncated):
                 continue
             what = "with their prompt cut at the start" if mode == "keep_completions" else "truncated"
-            message = f"{name} dataset, max_length={max_length}: {truncated} of {len(dataset)} pairs {what}"
+            message = f"{name} dataset, max_length={max_length}: {truncated} of {table.num_rows} pairs {what}"
             if dropped:
                 message += (f"; {dropped} of {raw_sizes[name]} pairs dropped because the prompt alone fills max_length. "
                             "truncation_mode='keep_completions' keeps every pair (it cuts the prompt's start, "
@@ -662,7 +666,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        if mode == "train" and not getattr(self, "_counts_logged", False):  # once: trackers get the data's losses too
+        if mode == "train" and not self._counts_logged:  # once: trackers get the data's losses too
             self._counts_logged = True
             for split, counts in self.truncation_counts.items():
                 logs[f"{METRIC_PREFIX}/{split}_pairs_dropped"] = float(counts["dropped"])

@@ -368,9 +368,9 @@ class NonFiniteCallback(DiagnosticCallback):
         "diagnostics_action='stop' to stop before a non-finite update reaches the weights"
     )
 
-    def __init__(self, *, action: str = "warn", window: int | None = None):
+    def __init__(self, *, action: str = "warn"):
         super().__init__(window=2, action=action)
-        self._window_explicit = False
+        self._window_explicit = False  # two logs at most; a shorter run shrinks it instead of refusing
         self._step_checks: torch.Tensor | None = None  # per quantity: True while everything this step was finite
         self._seen: dict[str, int] = {}  # quantity -> first step it was non-finite, since the last log
 
@@ -402,6 +402,9 @@ class NonFiniteCallback(DiagnosticCallback):
                 p.grad = None
             control.should_training_stop = True
         return control
+
+    def init_args(self) -> dict:
+        return {"action": self.action}  # its window is fixed
 
     def evaluate(self, step, stats):
         seen, self._seen = self._seen, {}
