@@ -40,7 +40,9 @@ def test_train_from_a_local_folder(tiny_models, pairs_dir, tmp_path):
                  "--logging_steps", "1", "--lora_r", "8"])
     assert code == 0
     card = ModelCard.load(out / "README.md").data.to_dict()
-    assert card["datasets"] == [str(pairs_dir)] and card["trl_dpo_plus"]["loss_kwargs"] == {"simpo": {"beta": 2.0, "gamma": 0.5}}
+    assert "datasets" not in card  # a local folder is not a Hub dataset: named in the body, never as a machine path
+    assert card["trl_dpo_plus"]["loss_kwargs"] == {"simpo": {"beta": 2.0, "gamma": 0.5}}
+    assert str(tmp_path) not in (out / "README.md").read_text()
     assert card["trl_dpo_plus"]["lora"]["r"] == 8  # the --lora_r flag reached the preset
     assert (out / "adapter_model.safetensors").exists() and (out / "diagnostics.json").exists()
 
@@ -60,22 +62,66 @@ def test_train_from_a_yaml_config(tiny_models, pairs_dir, tmp_path):
     [
         (["--loss_type", "simp"], "invalid choice: 'simp' (choose from 'aot'"),
         (["--los_type", "simpo"], "unrecognized arguments: --los_type simpo (did you mean --loss_type?)"),
+        (["--num_proceses", "2"], "unrecognized arguments: --num_proceses 2 (did you mean --num_processes?)"),
+        (["--accelerate_config", "zero9"], "--accelerate_config: Accelerate config zero9 is neither a file"),
         (["--diagnostics_action", "explode"], "invalid choice: 'explode' (choose from 'warn', 'stop', 'checkpoint')"),
+        (["--truncation_mode", "middle"], "invalid choice: 'middle' (choose from 'keep_start', 'keep_end', 'keep_completions')"),
         (["--dataset_name", "./missing/pairs.jsonl"], "Dataset path './missing/pairs.jsonl' does not exist"),
+        (["--eval_strategy", "steps"], "has no split 'test'; it has ['train']. Set --dataset_test_split or "
+                                       "--test_split_size 0.1"),
+        (["--dataset_streaming", "true"], "a streamed dataset has no length, so the run needs --max_steps"),
+        (["--streaming", "true", "--max_steps", "2", "--test_split_size", "0.2"], "cannot split a streamed one"),
+        (["--dataset_name", None, "--qlora"], "pip install 'trl-dpo-plus[qlora]'"),
     ],
 )
-def test_bad_arguments_give_argparse_messages(args, message, capsys, tmp_path):
+def test_bad_arguments_give_argparse_messages(args, message, capsys, tmp_path, monkeypatch):
+    """Every mistake is a two-line argparse message (usage + error, exit 2), before any model is loaded."""
+    if "--qlora" in args:  # as on a machine without the [qlora] extra
+        import importlib.util
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else find_spec(n, *a))
+    (tmp_path / "pairs.jsonl").write_text(make_pairs(4).to_pandas().to_json(orient="records", lines=True))
+    args = [str(tmp_path / "pairs.jsonl") if a is None else a for a in args]
+    base = ["--model_name_or_path", "trl-dpo-plus:stories260K", "--dataset_name", str(tmp_path / "pairs.jsonl")]
     with pytest.raises(SystemExit) as exit_:
-        main(["train", "--output_dir", str(tmp_path), *args])
+        main(["train", "--output_dir", str(tmp_path), *base, *args])
     assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_yaml_config_errors_are_argparse_messages(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("model_name_or_path: x\nloss_kwargs: {simpo: {gamma: -1}}\nloss_type: simpo\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(tmp_path / "recipe.yaml"), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "trl-dpo-plus train: error:" in err and "gamma" in err and "Traceback" not in err
+
+
+def test_the_model_is_required_and_the_embedded_one_is_opt_in(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset_name", "x.jsonl", "--output_dir", str(tmp_path)])
+    assert "--model_name_or_path is required" in capsys.readouterr().err
 
 
 def test_dataset_without_the_columns_says_which(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(SystemExit):
-        main(["train", "--dataset_name", str(tmp_path / "bad.jsonl"), "--output_dir", str(tmp_path)])
+        main(["train", "--model_name_or_path", "trl-dpo-plus:stories260K", "--dataset_name",
+              str(tmp_path / "bad.jsonl"), "--output_dir", str(tmp_path)])
     assert "has ['question', 'answer']" in capsys.readouterr().err
+
+
+def test_help_and_losses_do_not_load_torch():
+    """`--help` and `losses` answer in well under a second because nothing heavy is imported (torch alone takes
+    ~2 s on a small CPU machine); checked by what is imported, not by a clock."""
+    code = ("import sys, io, contextlib; from trl_dpo_plus.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['--help']); main(['losses'])\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'datasets') if m in sys.modules)\n"
+            "print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]" and result.stderr == ""
 
 
 def run_cli(*args, cwd):

@@ -1,7 +1,8 @@
 """`trl-dpo-plus`: the command line, shaped like `trl dpo`.
 
-    trl-dpo-plus train --dataset_name pairs.jsonl --loss_type simpo --qlora --output_dir out   (TRL's flags, plus ours)
-    trl-dpo-plus train --config recipe.yaml
+    trl-dpo-plus train --model_name_or_path Qwen/Qwen3-0.6B --dataset_name pairs.jsonl --loss_type simpo --qlora
+    trl-dpo-plus train --config recipe.yaml                       (TRL's YAML recipes, `datasets:` mixtures included)
+    trl-dpo-plus train --config recipe.yaml --accelerate_config zero3 --num_processes 8   (through accelerate launch)
     trl-dpo-plus losses                      the registry: names, reference-free, defaults, papers
     trl-dpo-plus demo [--losses sigmoid simpo ...]
     trl-dpo-plus run my_trl_dpo_script.py --loss_type simpo ...   an unchanged TRL script with our trainer
@@ -11,82 +12,220 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
+import os
 import sys
+import warnings
 
 COMMANDS = ("train", "losses", "demo", "run")
+EMBEDDED_MODEL = "trl-dpo-plus:stories260K"  # not a Hub id (":" is not allowed there), so never mistaken for one
+LAUNCHED_ENV = "TRL_DPO_PLUS_LAUNCHED"  # set for the processes `accelerate launch` starts, so they do not launch again
+QLORA_FLAGS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 
 
 def make_train_parser(prog: str = "trl-dpo-plus train"):
-    from trl import ModelConfig, ScriptArguments, TrlParser
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     from .config import DPOPlusConfig
     from .losses import list_losses
 
-    parser = TrlParser((ScriptArguments, DPOPlusConfig, ModelConfig), prog=prog)
+    parser = TrlParser((ScriptArguments, DPOPlusConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
     for action in parser._actions:  # choices from the registry as it is now (plugins included)
         if action.dest == "loss_type":
             action.choices = list_losses()
     return parser
 
 
-def train(argv: list[str]) -> int:
+def explicit_options(argv: list[str]) -> set[str]:
+    """The option names the user set, on the command line or in the `--config` YAML (a preset yields to them)."""
+    import yaml
+
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        with open(argv[argv.index("--config") + 1]) as file:
+            names |= set(yaml.safe_load(file) or {})
+    return names
+
+
+def _quiet_console() -> None:
+    """Our notices as one-line messages; upstream deprecation warnings a user cannot act on, silenced."""
+    # TRL's DPOConfig sets `gradient_checkpointing`, which Transformers 5 renamed: nothing for the user to change.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    package = logging.getLogger("trl_dpo_plus")
+    if int(os.environ.get("RANK", "0")) != 0:  # one copy of each notice: the main process's
+        package.setLevel(logging.ERROR)
+        return
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("trl-dpo-plus: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+
+
+def _split_launch_args(parser, remaining: list[str]) -> list[str]:
+    """The leftover arguments, which must be `accelerate launch`'s (`--num_processes`, `--accelerate_config`, ...)."""
+    if not remaining:
+        return []
+    from accelerate.commands.launch import launch_command_parser
+
+    launcher = launch_command_parser()
+    options = {o for action in launcher._actions for o in action.option_strings} | {"--accelerate_config"}
+    unknown, inside_unknown = [], True  # a value before any option is unknown too
+    for arg in remaining:
+        if arg.startswith("-"):
+            inside_unknown = arg.split("=", 1)[0] not in options
+        if inside_unknown:
+            unknown.append(arg)
+    if unknown:
+        flags = [a for a in unknown if a.startswith("-")] or unknown
+        known = [o for action in parser._actions for o in action.option_strings] + sorted(options)
+        close = difflib.get_close_matches(flags[0], known, n=1)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return remaining
+
+
+def _launch(parser, launch_args: list[str], train_argv: list[str]) -> int:
+    """Run this same `train` command in the processes `accelerate launch` starts, with TRL's shipped configs."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+
+    try:
+        launch_args = resolve_accelerate_config_argument(launch_args)
+    except ValueError as err:
+        parser.error(f"--accelerate_config: {err} TRL ships: zero1, zero2, zero3, fsdp1, fsdp2, multi_gpu, single_gpu.")
+    os.environ[LAUNCHED_ENV] = "1"
+    command = launch_command_parser().parse_args([*launch_args, "--module", "trl_dpo_plus.cli", "train", *train_argv])
+    launch_command(command)
+    return 0
+
+
+def _without(argv: list[str], remaining: list[str]) -> list[str]:
+    """`argv` minus the ordered subsequence `remaining` (the launcher's arguments)."""
+    rest, out = iter(remaining), []
+    current = next(rest, None)
+    for arg in argv:
+        if current is not None and arg == current:
+            current = next(rest, None)
+        else:
+            out.append(arg)
+    return out
+
+
+def load_datasets(parser, script_args, training_args, dataset_args):
+    """The `DatasetDict` to train on: a `datasets:` mixture (TRL's `get_dataset`) or `--dataset_name`, with
+    `--streaming` and `--test_split_size`; every problem is a parser error before any model is loaded."""
+    from datasets import DatasetDict
+    from trl import get_dataset
+
+    from .data import check_preference_dataset, load_preference_dataset
+
+    streaming = bool(script_args.dataset_streaming or dataset_args.streaming)
+    if streaming and dataset_args.test_split_size:
+        parser.error("--test_split_size needs the whole dataset; it cannot split a streamed one (drop --streaming, or "
+                     "use a dataset with a test split and --dataset_test_split)")
+    if streaming and training_args.max_steps <= 0:
+        parser.error("a streamed dataset has no length, so the run needs --max_steps")
+    try:
+        if dataset_args.datasets:
+            if script_args.dataset_name:
+                logging.getLogger(__name__).info("Both datasets: and --dataset_name: training on the datasets: mixture")
+            dataset_args.streaming = streaming
+            dataset = get_dataset(dataset_args)
+        elif script_args.dataset_name:
+            dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config, streaming=streaming)
+            if dataset_args.test_split_size:
+                split = dataset[script_args.dataset_train_split].train_test_split(
+                    test_size=dataset_args.test_split_size, seed=training_args.seed)
+                dataset = DatasetDict({script_args.dataset_train_split: split["train"],
+                                       script_args.dataset_test_split: split["test"]})
+        else:
+            parser.error("a dataset is required: --dataset_name (a local file or folder, or a Hub dataset id) or a "
+                         "`datasets:` mixture in the --config YAML")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        parser.error(str(err).strip("'\""))
+    name = script_args.dataset_name or "the datasets: mixture"
+    for role, split in (("--dataset_train_split", script_args.dataset_train_split),
+                        ("--dataset_test_split", script_args.dataset_test_split)):
+        if role == "--dataset_test_split" and training_args.eval_strategy == "no":
+            break
+        if split not in dataset:
+            fix = (" or --test_split_size 0.1 to hold out part of the train split" if role == "--dataset_test_split"
+                   else "")
+            parser.error(f"{name} has no split {split!r}; it has {list(dataset)}. Set {role}{fix}"
+                         + (", or --eval_strategy no" if role == "--dataset_test_split" else ""))
+    try:
+        for split in [script_args.dataset_train_split] + (
+                [script_args.dataset_test_split] if training_args.eval_strategy != "no" else []):
+            dataset[split] = check_preference_dataset(dataset[split], name=split)
+    except (ValueError, TypeError) as err:
+        parser.error(f"{name}: {err}")
+    return dataset
+
+
+def _peft_and_quantization(script_argv: list[str], training_args, model_args):
+    """LoRA/QLoRA configs: the `--lora`/`--qlora` preset with every explicitly given flag applied over it, or TRL's
+    own `--use_peft`/`--load_in_4bit` path."""
     from trl import get_peft_config, get_quantization_config
 
-    from .assets import default_model_path
-    from .data import check_preference_dataset, load_preference_dataset
-    from .qlora import lora_defaults
-    from .trainer import DPOPlusTrainer
+    if not (training_args.qlora or training_args.lora):
+        return get_peft_config(model_args), get_quantization_config(model_args)
+    from .qlora import lora_defaults, qlora_defaults
 
+    given = explicit_options(script_argv)
+    lora_flags = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
+                  "use_dora")
+    peft_config = lora_defaults(**{k: getattr(model_args, k) for k in lora_flags if k in given})
+    if not training_args.qlora:
+        return peft_config, None
+    bnb_kwargs = {k: getattr(model_args, k) for k in QLORA_FLAGS if k in given}
+    if "dtype" in given and model_args.dtype not in (None, "auto"):
+        bnb_kwargs["bnb_4bit_compute_dtype"] = model_args.dtype
+    return peft_config, qlora_defaults(**bnb_kwargs)[0]
+
+
+def train(argv: list[str]) -> int:
+    _quiet_console()
     parser = make_train_parser()
-    script_args, training_args, model_args, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
-    if unknown:
-        flags = [a for a in unknown if a.startswith("-")]
-        known = [o for action in parser._actions for o in action.option_strings]
-        close = difflib.get_close_matches(flags[0], known, n=1) if flags else []
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
-    if model_args.model_name_or_path is None:
-        model_args.model_name_or_path = default_model_path()
-        print(f"No --model_name_or_path: using the embedded stories260K model ({model_args.model_name_or_path})")
-    if script_args.dataset_name is None:
-        parser.error("--dataset_name is required: a local JSON/JSONL/Parquet file or folder, or a Hub dataset id")
     try:
-        dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config,
-                                          streaming=script_args.dataset_streaming)
-    except (FileNotFoundError, ValueError) as err:
+        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
+    except (ValueError, TypeError, OSError) as err:  # the configs' own checks, a YAML that cannot be read
         parser.error(str(err))
-    if script_args.dataset_train_split not in dataset:
-        parser.error(f"dataset {script_args.dataset_name!r} has no split {script_args.dataset_train_split!r}; "
-                     f"it has {list(dataset)} (set --dataset_train_split)")
-    try:
-        check_preference_dataset(dataset[script_args.dataset_train_split], name=script_args.dataset_train_split)
-    except (ValueError, TypeError) as err:
-        parser.error(f"{script_args.dataset_name}: {err}")
+    script_args, training_args, model_args, dataset_args = parsed
+    launch_args = _split_launch_args(parser, config_remaining + cli_remaining)
+    if launch_args and not os.environ.get(LAUNCHED_ENV):
+        return _launch(parser, launch_args, _without(argv, cli_remaining))
+    if model_args.model_name_or_path is None:
+        parser.error(f"--model_name_or_path is required: a Hub model id or a local folder. To try trl-dpo-plus on the "
+                     f"embedded 260K-parameter toy model, pass --model_name_or_path {EMBEDDED_MODEL} or run "
+                     "`trl-dpo-plus demo`")
+    if model_args.model_name_or_path == EMBEDDED_MODEL:
+        from .assets import default_model_path
+
+        model_args.model_name_or_path = default_model_path()
+    dataset = load_datasets(parser, script_args, training_args, dataset_args)
+
+    from .trainer import DPOPlusTrainer
 
     model_init_kwargs = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation,
                          "dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
     training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
-    if training_args.qlora or training_args.lora:  # the preset, with any --lora_* flags applied
-        peft_config = lora_defaults(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                                    lora_dropout=model_args.lora_dropout,
-                                    lora_target_modules=model_args.lora_target_modules or "all-linear",
-                                    lora_modules_to_save=model_args.lora_modules_to_save,
-                                    use_rslora=model_args.use_rslora, use_dora=model_args.use_dora)
-        quantization_config = None
-    else:
-        peft_config, quantization_config = get_peft_config(model_args), get_quantization_config(model_args)
-    eval_split = script_args.dataset_test_split
+    peft_config, quantization_config = _peft_and_quantization(argv, training_args, model_args)
+    dataset_name = script_args.dataset_name or ", ".join(d.path for d in dataset_args.datasets)
     trainer = DPOPlusTrainer(
         model=model_args.model_name_or_path, args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[eval_split] if training_args.eval_strategy != "no" and eval_split in dataset else None,
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         quantization_config=quantization_config, peft_config=peft_config,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.create_model_card(dataset_name=dataset_name)
     trainer.accelerator.print(f"Saved to {training_args.output_dir} (model card: README.md, diagnostics.json/.png)")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}")
     trainer.end()
     return 0
 
@@ -95,10 +234,11 @@ def losses(argv: list[str]) -> int:
     from .losses import get_loss, list_losses
 
     argparse.ArgumentParser(prog="trl-dpo-plus losses", description="List the registered losses.").parse_args(argv)
+    header = ("loss", "reference-free", "defaults", "paper")
     rows = [(n, "no" if get_loss(n).requires_reference else "yes",
              ", ".join(f"{k}={v}" for k, v in get_loss(n).defaults.items()), get_loss(n).paper or "") for n in list_losses()]
-    widths = [max(len(r[i]) for r in rows + [("loss", "reference-free", "defaults", "paper")]) for i in range(4)]
-    for row in [("loss", "reference-free", "defaults", "paper")] + rows:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for row in [header] + rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
 

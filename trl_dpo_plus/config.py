@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,15 @@ class DPOPlusConfig(DPOConfig):
             `diagnostics.json` and `diagnostics.png` into `output_dir`.
         diagnostics_action (`str`, *optional*, defaults to `"warn"`):
             What a diagnostics flag does: `"warn"`, `"stop"` or `"checkpoint"`.
+        base_model (`str` or `None`, *optional*, defaults to `None`):
+            The Hub id of the base model for the model card's `base_model` metadata. By default it is the model's Hub
+            id, also recognised from a local Hub-cache snapshot (`.../models--org--name/snapshots/...`).
+        license (`str` or `None`, *optional*, defaults to `None`):
+            The model card's licence. By default the base's, read from a local base's README metadata or LICENSE file.
+        console_log (`str`, *optional*, defaults to `"compact"`):
+            The per-step console line: `"compact"` (loss, grad norm, learning rate, reward accuracy and margin,
+            log-probs, epoch, and the name of any raised diagnostics flag) or `"full"` (every metric, as TRL prints).
+            Trackers and `trainer_state.json` always get every metric.
         drop_degenerate_pairs (`bool`, *optional*, defaults to `False`):
             Drop pairs with an empty completion or with chosen == rejected at dataset preparation. They are always
             counted and reported.
@@ -122,11 +133,33 @@ class DPOPlusConfig(DPOConfig):
         metadata={"help": "What a diagnostics flag does: 'warn' (log once per episode), 'stop', or 'checkpoint' "
                   "(save the last healthy model, then stop).", "choices": ["warn", "stop", "checkpoint"]},
     )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "The Hub id of the model this one was trained from, for the model card's `base_model` (the "
+                  "Hub links the two). Default: the model's Hub id, also read from a local Hub-cache snapshot's path."},
+    )
+    license: str | None = field(
+        default=None,
+        metadata={"help": "The model card's licence (a Hub licence id such as apache-2.0 or mit). Default: the base "
+                  "model's, read from a local base's README metadata or LICENSE file."},
+    )
+    console_log: str = field(
+        default="compact",
+        metadata={"help": "The per-step console line: 'compact' (loss, grad norm, learning rate, reward accuracy and "
+                  "margin, log-probs, epoch, and any raised diagnostics flag) or 'full' (every metric, as TRL prints). "
+                  "Trackers and trainer_state.json always get every metric.", "choices": ["compact", "full"]},
+    )
     drop_degenerate_pairs: bool = field(
         default=False,
         metadata={"help": "Drop pairs with an empty completion or chosen == rejected (they are always counted)."},
     )
 
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Which tokens to keep when a pair exceeds max_length: 'keep_start' (TRL's default), "
+                  "'keep_end', or 'keep_completions' (cut the prompt's start, identically for chosen and rejected, so "
+                  "both completions fit; no pair is dropped).", "choices": list(TRUNCATION_MODES)},
+    )
     pair_layout: str = field(
         default="auto",
         metadata={"help": "How pairs are laid out for the forward: 'shared_prefix' (prompt computed once, packed, LM head "
@@ -156,6 +189,11 @@ class DPOPlusConfig(DPOConfig):
                              "or None for max_length")
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
+        if self.console_log not in ("compact", "full"):
+            raise ValueError(f"console_log={self.console_log!r}: choose 'compact' or 'full'")
+        if self.qlora and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("qlora=True needs bitsandbytes, which is an extra: pip install 'trl-dpo-plus[qlora]'. "
+                             "Or use lora=True for LoRA without quantisation.")
         if self.diagnostics_action not in ("warn", "stop", "checkpoint"):
             raise ValueError(f"diagnostics_action={self.diagnostics_action!r}: choose 'warn', 'stop' or 'checkpoint'")
         if self.qlora and self.lora:
@@ -250,12 +288,12 @@ class DPOPlusConfig(DPOConfig):
         if self.use_cpu or _has_accelerator():
             return
         self.use_cpu = True
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = False
+        if self.bf16 is None and not self.fp16:  # float32, unless `accelerate launch` (its config) asked for bf16
+            self.bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
         if _cpu_notice_given:
             return
         _cpu_notice_given = True
-        logger.warning(
+        logger.info(
             "No GPU found: training on the CPU (use_cpu=True) in %s.", "bfloat16 mixed precision" if self.bf16 else "float32"
         )
 

@@ -148,34 +148,29 @@ DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".c
 
 
 def load_preference_dataset(name_or_path: str, config: str | None = None, streaming: bool = False):
-    """A `DatasetDict` from a local JSON/JSONL/Parquet/CSV file, a folder of them (split = file name before the first
-    '-', '_' or '.': `train.jsonl`, `test-00000.parquet`), a folder written by `save_to_disk`, or a Hub dataset id."""
-    import re
+    """A `DatasetDict` exactly as `datasets` sees it: a folder written by `save_to_disk` goes to `load_from_disk`; a
+    folder of data files (a downloaded Hub snapshot with its `README.md` configs and `data/<split>-00000-of-00001.parquet`
+    shards, or `train.jsonl`/`test.jsonl`) and a Hub id go to `load_dataset`, with its own split rules (custom names
+    like UltraFeedback's `train_prefs` included). A single JSON/JSONL/Parquet/CSV file is the `train` split."""
     from pathlib import Path
 
-    from datasets import load_dataset, load_from_disk
+    from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 
     path = Path(name_or_path).expanduser()
     if path.is_file():
         kind = DATA_FILE_TYPES.get(path.suffix.lower())
         if kind is None:
-            raise ValueError(f"Dataset file {path} has an unsupported type; use one of {sorted(DATA_FILE_TYPES)}")
+            raise ValueError(f"Dataset file {path} has an unsupported type; use one of {sorted(DATA_FILE_TYPES)}, or "
+                             "a folder or Hub id that datasets.load_dataset reads")
         return load_dataset(kind, data_files={"train": str(path)}, streaming=streaming)
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-            return load_from_disk(str(path))
-        files: dict[str, list[str]] = {}
-        kinds = set()
-        for file in sorted(path.iterdir()):
-            if file.suffix.lower() in DATA_FILE_TYPES:
-                split = re.split(r"[-_.]", file.name, maxsplit=1)[0]
-                files.setdefault(split, []).append(str(file))
-                kinds.add(DATA_FILE_TYPES[file.suffix.lower()])
-        if not files:
-            raise ValueError(f"Dataset folder {path} holds no {'/'.join(sorted(DATA_FILE_TYPES))} files")
-        if len(kinds) > 1:
-            raise ValueError(f"Dataset folder {path} mixes file types {sorted(kinds)}; keep one type per folder")
-        return load_dataset(kinds.pop(), data_files=files, streaming=streaming)
-    if looks_like_local_path(name_or_path) or path.suffix.lower() in DATA_FILE_TYPES:
+    if path.is_dir() and any((path / marker).exists() for marker in ("dataset_dict.json", "state.json")):
+        saved = load_from_disk(str(path))
+        saved = saved if isinstance(saved, DatasetDict) else DatasetDict({"train": saved})
+        return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()}) if streaming else saved
+    if not path.is_dir() and (looks_like_local_path(name_or_path) or path.suffix.lower() in DATA_FILE_TYPES):
         raise FileNotFoundError(f"Dataset path {name_or_path!r} does not exist")
-    return load_dataset(name_or_path, name=config, streaming=streaming)
+    try:
+        return load_dataset(str(path) if path.is_dir() else name_or_path, name=config, streaming=streaming)
+    except (FileNotFoundError, ValueError) as err:  # datasets' own message, with what we were asked to read
+        where = f"folder {path}" if path.is_dir() else f"{name_or_path!r}"
+        raise ValueError(f"datasets.load_dataset could not read the {where}: {err}") from err

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
+from .citations import TRL, bibtex
+from .data import looks_like_local_path
 from .qlora import is_quantized
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
@@ -65,6 +68,64 @@ def _lora(model) -> dict | None:
             "target_modules": targets, "use_rslora": config.use_rslora, "use_dora": config.use_dora}
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The Hub repo id of a model or dataset given by id or by a local Hub-cache snapshot path; None for other
+    local folders (a path is never a Hub id)."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path if _HUB_ID.match(name_or_path) and not looks_like_local_path(name_or_path) else None
+    for part in path.resolve().parts:  # ~/.cache/huggingface/hub/models--org--name/snapshots/<sha>
+        if part.startswith(("models--", "datasets--")):
+            return part.split("--", 1)[1].replace("--", "/", 1)
+    return None
+
+
+def display_name(name_or_path: str) -> str:
+    """How a card names a model or dataset: its Hub id, or a local folder's or file's own name (no machine path)."""
+    return hub_id(name_or_path) or Path(str(name_or_path).rstrip("/")).name
+
+
+LICENSE_TEXTS = {"MIT License": "mit", "Apache License": "apache-2.0"}
+
+
+def base_license(name_or_path: str) -> str | None:
+    """A local base model's licence: its README metadata's `license`, else recognised from its LICENSE file."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / "README.md").exists() and (path / "README.md").read_text(errors="replace").startswith("---"):
+        try:
+            license_ = ModelCard.load(path / "README.md").data.license
+        except Exception:  # a README without (valid) metadata
+            license_ = None
+        if license_:
+            return license_
+    if (path / "LICENSE").exists():
+        head = (path / "LICENSE").read_text(errors="replace")[:400]
+        return next((hub for text, hub in LICENSE_TEXTS.items() if text in head), None)
+    return None
+
+
+def _eval_results(trainer, dataset: str | None) -> list[EvalResult] | None:
+    """The last evaluation's metrics as `model-index` results, when evaluation ran."""
+    evaluations = [h for h in trainer.state.log_history if "eval_rewards/accuracies" in h]
+    if not evaluations:
+        return None
+    last, name = evaluations[-1], display_name(dataset) if dataset else "evaluation split"
+    metrics = (("accuracy", "reward accuracy", "eval_rewards/accuracies"),
+               ("reward_margin", "reward margin", "eval_rewards/margins"), ("loss", "loss", "eval_loss"))
+    return [EvalResult(task_type="text-generation", task_name="Preference optimisation",
+                       dataset_type=(hub_id(dataset) if dataset else None) or name, dataset_name=name,
+                       metric_type=kind, metric_name=f"{label} (step {last.get('step')})",
+                       metric_value=round(float(last[key]), 4))
+            for kind, label, key in metrics if key in last]
+
+
 def _final_metrics(trainer) -> dict:
     logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h and "eval_loss" not in h]
     return logs[-1] if logs else {}
@@ -77,12 +138,16 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
     output_dir = Path(output_dir or args.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     base = getattr(model.config, "_name_or_path", "") or ""
+    base_model = args.base_model or hub_id(base)
     is_adapter = isinstance(model, PeftModel)
+    datasets = [d.strip() for d in dataset_name.split(",")] if dataset_name else []
     losses = []
     for spec, kwargs, weight in zip(trainer.loss_specs, trainer.loss_kwargs, trainer.loss_weights):
         losses.append({"name": spec.name, "weight": weight, "kwargs": kwargs, "paper": spec.paper,
                        "formula": spec.formula, "requires_reference": spec.requires_reference,
                        "kwargs_text": ", ".join(f"{k}={v}" for k, v in kwargs.items())})
+    citations = list(dict.fromkeys(c for c in (bibtex(loss["paper"]) for loss in losses) if c)) + [TRL]
+    repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
     final = _final_metrics(trainer)
     training = {
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
@@ -122,19 +187,21 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "final_reward_accuracy": training["final reward accuracy"], "final_reward_margin": training["final reward margin"],
         "diagnostics_flags": [f["flag"] for f in diagnostics["flags"]] if diagnostics else None,
     }
+    model_name = model_name or (repo_id or output_dir.resolve().name).split("/")[-1]
     card_data = ModelCardData(
-        base_model=base if base and not os.path.isdir(base) else None,
-        library_name="peft" if is_adapter else "transformers",
-        tags=all_tags, datasets=[dataset_name] if dataset_name else None, model_name=model_name,
-        trl_dpo_plus=metadata,
+        base_model=base_model, license=args.license or base_license(base),
+        library_name="peft" if is_adapter else "transformers", pipeline_tag="text-generation",
+        tags=all_tags, datasets=[d for d in map(hub_id, datasets) if d] or None, model_name=model_name,
+        eval_results=_eval_results(trainer, datasets[0] if len(datasets) == 1 else None), trl_dpo_plus=metadata,
     )
     return ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE), model_name=model_name or output_dir.name,
-        base_model_display=base or "unknown", is_adapter=is_adapter, dataset_name=dataset_name, losses=losses,
+        card_data, template_path=str(TEMPLATE), model_name=model_name,
+        base_model_display=base_model or (f"{display_name(base)} (a local model)" if base else "unknown"),
+        is_adapter=is_adapter, dataset_name=", ".join(map(display_name, datasets)) or None, losses=losses,
         reference_mode=metadata["reference"], ld_alpha=args.ld_alpha, f_divergence_type=args.f_divergence_type,
         use_weighting=args.use_weighting, quantization=metadata["quantization"], lora=metadata["lora"],
         training=training, diagnostics=diagnostics, versions=_versions(),
-        repo_or_path=args.hub_model_id or str(output_dir),
+        repo_or_path=repo_id or f"path/to/{output_dir.resolve().name}", citations=citations,
     )
 
 

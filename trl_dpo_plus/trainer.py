@@ -53,6 +53,7 @@ from .layout import (
 )
 from .losses import PreferenceBatch, get_loss
 from .losses._common import per_token
+from .console import install_compact_console
 from .qlora import prepare_adapter_training
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,8 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         self._pair_stats = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.last_pair_statistics: dict[str, torch.Tensor] = {}
         self._add_diagnostics(args)
+        if args.console_log == "compact":
+            install_compact_console(self)
 
     def _add_diagnostics(self, args: DPOPlusConfig) -> None:
         """The default diagnostics callbacks (unless the user passed their own of a kind), and the report writer."""
@@ -452,16 +455,23 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 shared = self.layout.policy_forward(self, model, inputs)
             except Exception as err:  # a model that builds its own mask from a 2D one (e.g. Bloom's ALiBi)
                 failure = f"{type(err).__name__}: {err}"
-        error = torch.tensor(float("inf"))
+        # Half precision (bf16/fp16 weights or autocast, also when `accelerate launch` sets it) rounds a log-prob of
+        # -15 by up to ~0.06, so there the bound grows with the log-prob's size; a wrong mask is off by whole nats.
+        half = (self.args.bf16 or self.args.fp16 or self.accelerator.mixed_precision in ("bf16", "fp16")
+                or unwrapped.get_input_embeddings().weight.dtype != torch.float32)
+        tolerance, relative = (5e-2, 1e-2) if half else (1e-4, 0.0)
+        error, excess = torch.tensor(float("inf")), torch.tensor(float("inf"))
         if failure is None and torch.equal(shared.lengths, padded.lengths):
             theirs = padded_tokens(padded)
             width = min(theirs.size(1), shared.mask.size(1))
-            error = ((shared.per_token_logps[:, :width] - theirs[:, :width]) * shared.mask[:, :width]).abs().max()
-        error = self.accelerator.gather(error.reshape(1).to(self.accelerator.device).float()).max().item()
-        half = self.args.bf16 or self.args.fp16 or unwrapped.get_input_embeddings().weight.dtype != torch.float32
-        tolerance = 5e-2 if half else 1e-4
-        self.layout_check = {"max_abs_token_logp_error": error, "tolerance": tolerance}
-        if error <= tolerance:
+            mask = shared.mask[:, :width]
+            diff = (shared.per_token_logps[:, :width] - theirs[:, :width]).abs() * mask
+            error = diff.max()
+            excess = (diff - relative * theirs[:, :width].abs() * mask).max()
+        error, excess = self.accelerator.gather(torch.stack([error, excess]).float().reshape(1, 2).to(
+            self.accelerator.device)).max(dim=0).values.tolist()
+        self.layout_check = {"max_abs_token_logp_error": error, "tolerance": tolerance, "relative_tolerance": relative}
+        if excess <= tolerance:
             logger.info("Pair layout: shared_prefix, checked on the first batch (per-token log-prob error %.1e)", error)
             return
         if failure is not None:

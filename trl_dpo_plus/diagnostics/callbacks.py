@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -138,7 +139,7 @@ class DiagnosticCallback(TrainerCallback, ExportableState):
         if missing:
             self.disabled_reason = f"needs {missing}, which this run does not produce (a reference-free loss?)"
             if is_main:
-                logger.warning("%s switched off: %s", type(self).__name__, self.disabled_reason)
+                logger.info("%s switched off: %s", type(self).__name__, self.disabled_reason)
             return {}
         metrics, raised = self.evaluate(step, stats)
         new = [flag for flag in raised if flag.name not in self._active]
@@ -155,7 +156,9 @@ class DiagnosticCallback(TrainerCallback, ExportableState):
     # -- TrainerCallback -----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         steps = state.max_steps or args.max_steps
-        logging_steps = args.logging_steps if args.logging_steps >= 1 else max(1, int(args.logging_steps * steps))
+        # As Transformers reads it: a fraction of the run below 1, else a step count (the CLI passes 1.0, a float).
+        ratio = args.logging_steps
+        logging_steps = max(1, math.ceil(ratio * steps) if ratio < 1 else int(ratio)) if steps and steps > 0 else 1
         logs = steps // logging_steps if steps and steps > 0 else None
         if logs is not None and self.window > logs:
             if self._window_explicit:
@@ -184,11 +187,11 @@ class DiagnosticCallback(TrainerCallback, ExportableState):
                                self.remedies)
         if self.action in ("stop", "checkpoint"):
             if self.action == "checkpoint" and state.is_world_process_zero:
-                self._save_healthy(args, model)
+                self._save_healthy(args, model, kwargs.get("processing_class"))
             control.should_training_stop = True
         return control
 
-    def _save_healthy(self, args, model):
+    def _save_healthy(self, args, model, processing_class=None):
         if self._healthy_snapshot is None or model is None:
             logger.warning("%s: no healthy state was seen before the first flag; nothing to checkpoint", self.name)
             return
@@ -199,6 +202,8 @@ class DiagnosticCallback(TrainerCallback, ExportableState):
         model.load_state_dict(self._healthy_snapshot)
         model.save_pretrained(path)
         model.load_state_dict(current)
+        if processing_class is not None:  # the folder loads on its own, as a Trainer checkpoint does
+            processing_class.save_pretrained(path)
         logger.warning("%s: saved the last healthy model (step %d) to %s", self.name, self._healthy_step, path)
 
 
@@ -415,7 +420,7 @@ class NonFiniteCallback(DiagnosticCallback):
         return metrics, [Flag(self.name, "nonfinite", first, f"non-finite {', '.join(seen)} at step {first}",
                               {"first_step": float(first)})]
 
-    def _save_healthy(self, args, model):
+    def _save_healthy(self, args, model, processing_class=None):
         if self._healthy_snapshot is None and model is not None:  # the update was skipped: these weights are finite
             self._healthy_snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             self._healthy_step = self._last_step or 0

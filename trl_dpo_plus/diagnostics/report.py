@@ -26,6 +26,7 @@ SERIES = {
     "margin_p90": (f"{PREFIX}/margin/p90",),
     "accuracy": (f"{PREFIX}/margin/accuracy", "rewards/accuracies"),
     "length_r2": (f"{PREFIX}/length/r2",),
+    "length_corr": (f"{PREFIX}/length/corr",),
     "loss": ("loss",),
 }
 
@@ -71,66 +72,88 @@ def build_report(log_history: list[dict]) -> dict:
     return report
 
 
-def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagnostics") -> Path | None:
-    """chosen vs rejected per-token log-ratio over steps, the margin's p10–p90 band, flags marked."""
-    try:
-        import matplotlib
+def _line(ax, series: dict, name: str, **style) -> None:
+    if name in series:
+        steps, values = zip(*series[name])
+        ax.plot(steps, values, marker="o", ms=2.5, **style)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def _eval_points(ax, series: dict, name: str, **style) -> None:
+    if name in series:
+        steps, values = zip(*series[name])
+        ax.scatter(steps, values, marker="D", s=22, zorder=3, **style)
+
+
+def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagnostics") -> Path | None:
+    """Four panels over steps: chosen vs rejected log-ratio (likelihood displacement), the reward margin's p10–p90
+    band, the loss, and the length bias; evaluation points as diamonds, flags as dashed lines.
+
+    Drawn on a `matplotlib.figure.Figure` (no pyplot), so the user's backend, e.g. a notebook's, is left alone.
+    """
+    try:
+        from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         logger.warning("matplotlib is not installed (pip install 'trl-dpo-plus[plot]'): no diagnostics plot")
         return None
-    train = report.get("train")
+    train, evaluation = report.get("train"), (report.get("eval") or {}).get("series", {})
     if not train:
+        logger.info("No diagnostics plot: the run logged no training step (logging_steps is larger than the run?)")
         return None
     series = train["series"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for name, color, label in (("chosen_logratio", "tab:green", "chosen"), ("rejected_logratio", "tab:red", "rejected")):
-        if name in series:
-            steps, values = zip(*series[name])
-            top.plot(steps, values, color=color, marker="o", ms=2.5, label=f"{label}: log π/π_ref per token")
-    top.axhline(0, color="grey", lw=0.8)
-    top.set_ylabel("nats / token")
+    fig = Figure(figsize=(8.5, 10), layout="constrained")
+    ratio, margin, loss, length = fig.subplots(4, 1, sharex=True)
+    fig.suptitle(title)
+
+    _line(ratio, series, "chosen_logratio", color="tab:green", label="chosen")
+    _line(ratio, series, "rejected_logratio", color="tab:red", label="rejected")
+    ratio.set_ylabel("log π/π_ref\nper token (nats)")
     if "chosen_logratio" not in series:
-        top.text(0.5, 0.5, "no reference log-ratios (reference-free loss)", ha="center", transform=top.transAxes)
-    else:
-        top.legend(loc="best", fontsize=8)
-    top.set_title(title)
+        ratio.text(0.5, 0.5, "no reference log-ratios (reference-free loss)", ha="center", transform=ratio.transAxes)
+
     if "margin_p10" in series:
         steps, p10 = zip(*series["margin_p10"])
-        _, p90 = zip(*series["margin_p90"])
-        bottom.fill_between(steps, p10, p90, color="tab:blue", alpha=0.25, label="margin p10–p90")
-        bottom.plot(*zip(*series["margin_p50"]), color="tab:blue", marker="o", ms=2.5, label="margin p50")
-    elif "margin_mean" in series:
-        bottom.plot(*zip(*series["margin_mean"]), color="tab:blue", label="margin mean")
-    bottom.axhline(0, color="grey", lw=0.8)
-    bottom.set_xlabel("step")
-    bottom.set_ylabel("reward margin")
+        margin.fill_between(steps, p10, [v for _, v in series["margin_p90"]], color="tab:blue", alpha=0.25,
+                            label="p10–p90")
+        _line(margin, series, "margin_p50", color="tab:blue", label="median")
+    else:
+        _line(margin, series, "margin_mean", color="tab:blue", label="mean")
+    _eval_points(margin, evaluation, "margin_mean", color="black", label="eval mean")
+    margin.set_ylabel("reward margin")
+
+    _line(loss, series, "loss", color="tab:purple", label="train")
+    _eval_points(loss, evaluation, "loss", color="black", label="eval")
+    loss.set_ylabel("loss")
+
+    _line(length, series, "length_corr", color="tab:brown", label="corr(margin, length difference)")
+    _eval_points(length, evaluation, "length_corr", color="black", label="eval")
+    length.set_ylabel("length bias")
+    length.set_xlabel("step")
+
+    for ax in (ratio, margin, length):
+        ax.axhline(0, color="grey", lw=0.8)
+    for ax in (ratio, margin, loss, length):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
     by_step: dict = {}
     for flag in train["flags"]:
         by_step.setdefault(flag["step"], []).append(flag["flag"])
     for step, names in by_step.items():  # one label per step, so flags raised together do not overprint
-        for ax in (top, bottom):
+        for ax in (ratio, margin, loss, length):
             ax.axvline(step, color="tab:orange", ls="--", lw=1)
-        top.annotate(", ".join(names), (step, top.get_ylim()[1]), rotation=90, va="top", fontsize=7, color="tab:orange")
+        ratio.annotate(", ".join(names), (step, 0.97), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                       ha="right", fontsize=7, color="tab:orange")
     nonfinite = [f["step"] for f in train["flags"] if f["flag"] == "nonfinite"]
     if nonfinite:
-        top.text(0.98, 0.95, f"non-finite values from step {min(nonfinite)}:\nthe run diverged; later points are missing",
-                 ha="right", va="top", transform=top.transAxes, color="tab:red", fontsize=9)
-    plotted = ("chosen_logratio", "rejected_logratio", "margin_p10", "margin_p50", "margin_p90", "margin_mean")
-    steps = [step for name in plotted for step, _ in series.get(name, [])]
-    if steps:  # every logged step, also those whose values were non-finite (a diverged run shows where it went)
-        low, high = min(steps), max(steps)
-        pad = max(1.0 if high - low < 2 else 0.5, 0.03 * (high - low))
-        bottom.set_xlim(low - pad, high + pad)
-    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    bottom.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+        ratio.text(0.98, 0.95, f"non-finite values from step {min(nonfinite)}:\nthe run diverged; later points are missing",
+                   ha="right", va="top", transform=ratio.transAxes, color="tab:red", fontsize=9)
+    steps = [step for points in (*series.values(), *evaluation.values()) for step, _ in points]
+    low, high = min(steps), max(steps)  # every logged step, also non-finite ones (a diverged run shows where it went)
+    pad = max(1.0 if high - low < 2 else 0.5, 0.03 * (high - low))
+    length.set_xlim(low - pad, high + pad)
+    length.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

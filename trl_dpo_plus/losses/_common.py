@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from .._lazy import torch
 from ._types import PreferenceBatch
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from .._lazy import torch
 from ._common import dpo_rewards, logratios
 from ._types import LossOutput, PreferenceBatch
 from .registry import register_loss
