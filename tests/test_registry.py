@@ -113,3 +113,11 @@ def test_broken_plugin_names_itself(tmp_path, monkeypatch, clean_registry):
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     with pytest.raises(ImportError, match="plugin 'broken'"):
         list_losses()
+
+
+def test_every_loss_paper_has_a_bibtex_entry_for_the_model_card():
+    from trl_dpo_plus.citations import bibtex
+
+    missing = [n for n in list_losses() if get_loss(n).paper and bibtex(get_loss(n).paper) is None]
+    assert not missing, f"add these losses' papers to trl_dpo_plus/citations.py: {missing}"
+    assert "Direct Preference Optimization" in bibtex("https://arxiv.org/abs/2305.18290")
