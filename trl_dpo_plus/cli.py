@@ -60,7 +60,6 @@ def _quiet_console() -> None:
         handler.setFormatter(logging.Formatter("trl-dpo-plus: %(message)s"))
         package.addHandler(handler)
     package.setLevel(logging.INFO)
-    package.propagate = False
 
 
 def _split_launch_args(parser, remaining: list[str]) -> list[str]:
