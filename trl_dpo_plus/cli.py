@@ -20,6 +20,8 @@ import warnings
 COMMANDS = ("train", "losses", "demo", "run")
 EMBEDDED_MODEL = "trl-dpo-plus:stories260K"  # not a Hub id (":" is not allowed there), so never mistaken for one
 LAUNCHED_ENV = "TRL_DPO_PLUS_LAUNCHED"  # set for the processes `accelerate launch` starts, so they do not launch again
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
+              "use_dora")
 QLORA_FLAGS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 
 
@@ -62,10 +64,10 @@ def _quiet_console() -> None:
     package.setLevel(logging.INFO)
 
 
-def _split_launch_args(parser, remaining: list[str]) -> list[str]:
-    """The leftover arguments, which must be `accelerate launch`'s (`--num_processes`, `--accelerate_config`, ...)."""
+def _check_launch_args(parser, remaining: list[str]) -> None:
+    """The leftover arguments must be `accelerate launch`'s (`--num_processes`, `--accelerate_config`, ...)."""
     if not remaining:
-        return []
+        return
     from accelerate.commands.launch import launch_command_parser
 
     launcher = launch_command_parser()
@@ -81,7 +83,6 @@ def _split_launch_args(parser, remaining: list[str]) -> list[str]:
         known = [o for action in parser._actions for o in action.option_strings] + sorted(options)
         close = difflib.get_close_matches(flags[0], known, n=1)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
-    return remaining
 
 
 def _launch(parser, launch_args: list[str], train_argv: list[str]) -> int:
@@ -144,18 +145,15 @@ def load_datasets(parser, script_args, training_args, dataset_args):
     except (FileNotFoundError, ValueError, KeyError) as err:
         parser.error(str(err).strip("'\""))
     name = script_args.dataset_name or "the datasets: mixture"
-    for role, split in (("--dataset_train_split", script_args.dataset_train_split),
-                        ("--dataset_test_split", script_args.dataset_test_split)):
-        if role == "--dataset_test_split" and training_args.eval_strategy == "no":
-            break
+    needed = [(script_args.dataset_train_split, "--dataset_train_split")]  # each split and the fix when it is missing
+    if training_args.eval_strategy != "no":
+        needed.append((script_args.dataset_test_split, "--dataset_test_split or --test_split_size 0.1 to hold out part "
+                       "of the train split, or --eval_strategy no"))
+    for split, fix in needed:
         if split not in dataset:
-            fix = (" or --test_split_size 0.1 to hold out part of the train split" if role == "--dataset_test_split"
-                   else "")
-            parser.error(f"{name} has no split {split!r}; it has {list(dataset)}. Set {role}{fix}"
-                         + (", or --eval_strategy no" if role == "--dataset_test_split" else ""))
+            parser.error(f"{name} has no split {split!r}; it has {list(dataset)}. Set {fix}")
     try:
-        for split in [script_args.dataset_train_split] + (
-                [script_args.dataset_test_split] if training_args.eval_strategy != "no" else []):
+        for split, _ in needed:
             dataset[split] = check_preference_dataset(dataset[split], name=split)
     except (ValueError, TypeError) as err:
         parser.error(f"{name}: {err}")
@@ -172,9 +170,7 @@ def _peft_and_quantization(script_argv: list[str], training_args, model_args):
     from .qlora import lora_defaults, qlora_defaults
 
     given = explicit_options(script_argv)
-    lora_flags = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
-                  "use_dora")
-    peft_config = lora_defaults(**{k: getattr(model_args, k) for k in lora_flags if k in given})
+    peft_config = lora_defaults(**{k: getattr(model_args, k) for k in LORA_FLAGS if k in given})
     if not training_args.qlora:
         return peft_config, None
     bnb_kwargs = {k: getattr(model_args, k) for k in QLORA_FLAGS if k in given}
@@ -192,7 +188,8 @@ def train(argv: list[str]) -> int:
     except (ValueError, TypeError, OSError) as err:  # the configs' own checks, a YAML that cannot be read
         parser.error(str(err))
     script_args, training_args, model_args, dataset_args = parsed
-    launch_args = _split_launch_args(parser, config_remaining + cli_remaining)
+    launch_args = config_remaining + cli_remaining
+    _check_launch_args(parser, launch_args)
     if launch_args and not os.environ.get(LAUNCHED_ENV):
         return _launch(parser, launch_args, _without(argv, cli_remaining))
     if model_args.model_name_or_path is None:
@@ -211,7 +208,7 @@ def train(argv: list[str]) -> int:
                          "dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
     training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
     peft_config, quantization_config = _peft_and_quantization(argv, training_args, model_args)
-    dataset_name = script_args.dataset_name or ", ".join(d.path for d in dataset_args.datasets)
+    dataset_name = script_args.dataset_name or [d.path for d in dataset_args.datasets]  # the card names each one
     trainer = DPOPlusTrainer(
         model=model_args.model_name_or_path, args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],

@@ -1,6 +1,6 @@
 """A compact per-step console line; trackers and `trainer_state.json` still get every metric.
 
-Transformers prints the whole log dict at every logging step: with the diagnostics that is 36 keys (1.2 kB) a line.
+Transformers prints the whole log dict at every logging step: with the diagnostics that is about 40 keys (1.4 kB) a line.
 `console_log="compact"` prints the metrics a person watches (TRL's loss, reward and log-prob headline numbers) and,
 when one is raised, the diagnostics flags by name; `console_log="full"` prints everything, as TRL does.
 """

@@ -131,7 +131,7 @@ def _final_metrics(trainer) -> dict:
     return logs[-1] if logs else {}
 
 
-def build_model_card(trainer, model_name: str | None = None, dataset_name: str | None = None,
+def build_model_card(trainer, model_name: str | None = None, dataset_name: str | list[str] | None = None,
                      tags: list[str] | None = None, output_dir: str | None = None) -> ModelCard:
     """The card for what `trainer` trained, with every loss hyperparameter actually used."""
     args = trainer.args
@@ -140,7 +140,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
     base = getattr(model.config, "_name_or_path", "") or ""
     base_model = args.base_model or hub_id(base)
     is_adapter = isinstance(model, PeftModel)
-    datasets = [d.strip() for d in dataset_name.split(",")] if dataset_name else []
+    datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
     losses = []
     for spec, kwargs, weight in zip(trainer.loss_specs, trainer.loss_kwargs, trainer.loss_weights):
         losses.append({"name": spec.name, "weight": weight, "kwargs": kwargs, "paper": spec.paper,

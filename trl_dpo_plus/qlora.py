@@ -15,7 +15,6 @@ Defaults, and why:
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -78,10 +77,8 @@ def qlora_defaults(
 
 
 def check_4bit_possible() -> None:
-    """Raise, saying why and offering `lora=True`, where 4-bit loading cannot work on this machine."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError("qlora=True needs bitsandbytes, which is an extra: pip install 'trl-dpo-plus[qlora]'. "
-                           "Or use lora=True for 16/32-bit LoRA.")
+    """Raise, saying why and offering `lora=True`, where 4-bit loading cannot work on this machine. (A missing
+    bitsandbytes is refused earlier, when `DPOPlusConfig(qlora=True)` is built.)"""
     if not torch.cuda.is_available() and torch.backends.mps.is_available():
         raise RuntimeError("qlora=True: bitsandbytes has no 4-bit kernels for Apple MPS. Use lora=True instead.")
 
