@@ -68,6 +68,9 @@ def test_a_yaml_mixture_of_two_datasets(tiny_models, tmp_path):
     assert main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 0
     history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
     assert any("eval_loss" in h for h in history)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets is None  # the builder name "json" is not a Hub dataset
+    assert "on `a.jsonl, b.jsonl`" in card.text
 
 
 def test_streaming_trains_for_max_steps(tiny_models, tmp_path):

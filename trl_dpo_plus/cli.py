@@ -160,6 +160,20 @@ def load_datasets(parser, script_args, training_args, dataset_args):
     return dataset
 
 
+def mixture_names(dataset_args) -> list[str]:
+    """What the card calls each mixture entry: its Hub id or folder, or, for a builder such as `json` given
+    `data_files`, the files (a builder's name is not a dataset)."""
+    names = []
+    for entry in dataset_args.datasets:
+        files = entry.data_files
+        if files is None:
+            names.append(entry.path)
+            continue
+        for group in (files.values() if isinstance(files, dict) else [files]):
+            names.extend([group] if isinstance(group, str) else group)
+    return names
+
+
 def _peft_and_quantization(script_argv: list[str], training_args, model_args):
     """LoRA/QLoRA configs: the `--lora`/`--qlora` preset with every explicitly given flag applied over it, or TRL's
     own `--use_peft`/`--load_in_4bit` path."""
@@ -208,7 +222,7 @@ def train(argv: list[str]) -> int:
                          "dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
     training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
     peft_config, quantization_config = _peft_and_quantization(argv, training_args, model_args)
-    dataset_name = script_args.dataset_name or [d.path for d in dataset_args.datasets]  # the card names each one
+    dataset_name = script_args.dataset_name or mixture_names(dataset_args)
     trainer = DPOPlusTrainer(
         model=model_args.model_name_or_path, args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
