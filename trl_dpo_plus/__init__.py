@@ -21,6 +21,8 @@ _EXPORTS = {
     "LossOutput": ("losses", "LossOutput"),
     "LossSpec": ("losses", "LossSpec"),
     "PreferenceBatch": ("losses", "PreferenceBatch"),
+    "UnpairedBatch": ("losses", "UnpairedBatch"),
+    "UnpairedLossOutput": ("losses", "UnpairedLossOutput"),
     "check_preference_dataset": ("data", "check_preference_dataset"),
     "default_model_path": ("assets", "default_model_path"),
     "get_loss": ("losses", "get_loss"),
@@ -29,6 +31,7 @@ _EXPORTS = {
     "lora_defaults": ("qlora", "lora_defaults"),
     "qlora_defaults": ("qlora", "qlora_defaults"),
     "register_loss": ("losses", "register_loss"),
+    "unpair_preference_dataset": ("data", "unpair_preference_dataset"),
     "validate_loss_kwargs": ("losses", "validate_loss_kwargs"),
 }
 
@@ -52,8 +55,18 @@ if TYPE_CHECKING:
     from .assets import default_model_path
     from .config import DPOPlusConfig
     from .config import DPOPlusConfig as DPOConfig
-    from .data import check_preference_dataset, load_preference_dataset
-    from .losses import LossOutput, LossSpec, PreferenceBatch, get_loss, list_losses, register_loss, validate_loss_kwargs
+    from .data import check_preference_dataset, load_preference_dataset, unpair_preference_dataset
+    from .losses import (
+        LossOutput,
+        LossSpec,
+        PreferenceBatch,
+        UnpairedBatch,
+        UnpairedLossOutput,
+        get_loss,
+        list_losses,
+        register_loss,
+        validate_loss_kwargs,
+    )
     from .qlora import lora_defaults, qlora_defaults
     from .trainer import DPOPlusTrainer
     from .trainer import DPOPlusTrainer as DPOTrainer

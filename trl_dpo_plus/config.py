@@ -14,12 +14,17 @@ import torch
 from trl import DPOConfig
 
 from .layout import TRUNCATION_MODES
-from .losses import get_loss, list_losses, validate_loss_kwargs
+from .losses import DATA_KINDS, get_loss, list_losses, validate_loss_kwargs
 
 logger = logging.getLogger(__name__)
 
 # TRL config fields that feed a loss hyperparameter of the same meaning: config field -> loss keyword.
-SHARED_LOSS_FIELDS = {"label_smoothing": "label_smoothing", "discopop_tau": "tau"}
+SHARED_LOSS_FIELDS = {
+    "label_smoothing": "label_smoothing",
+    "discopop_tau": "tau",
+    "desirable_weight": "desirable_weight",  # as in TRL's KTOConfig
+    "undesirable_weight": "undesirable_weight",
+}
 
 
 PAIR_LAYOUTS = ("auto", "shared_prefix", "padded")
@@ -86,6 +91,12 @@ class DPOPlusConfig(DPOConfig):
         packing_length (`int` or `None`, *optional*, defaults to `None`):
             Token budget of one packed row in the shared-prefix layout (a longer pair gets a row of its own); `None`
             means `max_length` (1024 when that is `None`), 0 puts one pair per row.
+        desirable_weight, undesirable_weight (`float`, *optional*, default to `1.0`):
+            λD and λU of the unpaired losses (`kto`, `apo_zero_unpaired`), as in TRL's `KTOConfig`: the losses of
+            desirable / undesirable completions are weighted by them, to balance unequal counts.
+        train_sampling_strategy (`str` or `None`, *optional*, defaults to `None`):
+            Transformers' sampler choice; `None` means `"sequential"` for `kto` (its KL completions are each row's
+            neighbour in a fixed-order batch, as in TRL's `KTOConfig`) and `"random"` otherwise.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["loss_kwargs"]
@@ -166,6 +177,20 @@ class DPOPlusConfig(DPOConfig):
                   "at completion tokens only), 'padded' (TRL's layout, exact parity), or 'auto' (shared_prefix where it "
                   "is exact, else padded with a log line).", "choices": ["auto", "shared_prefix", "padded"]},
     )
+    desirable_weight: float = field(
+        default=1.0,
+        metadata={"help": "λD of the unpaired losses (kto, apo_zero_unpaired): weight of desirable completions' losses."},
+    )
+    undesirable_weight: float = field(
+        default=1.0,
+        metadata={"help": "λU of the unpaired losses (kto, apo_zero_unpaired): weight of undesirable completions' losses."},
+    )
+    train_sampling_strategy: str | None = field(
+        default=None,
+        metadata={"help": "Sampler for training: 'random', 'sequential', 'group_by_length' or 'batch_rebalance'. Default: "
+                  "'sequential' for kto (its KL completions are neighbours in a fixed-order batch), else 'random'.",
+                  "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
+    )
     packing_length: int | None = field(
         default=None,
         metadata={"help": "Token budget of one packed row in the shared-prefix layout; default max_length (1024 when "
@@ -221,6 +246,7 @@ class DPOPlusConfig(DPOConfig):
                     f"`loss_weights`={weights}: each weight must be a finite number >= 0 and at least one > 0, "
                     f"e.g. loss_weights={[1.0] * len(self.loss_type)}"
                 )
+        self._check_data_kind(specs)
         if self.beta is None:
             # Each loss then runs at its own recommended β (a mix of simpo and sigmoid must not run sigmoid at 2.0);
             # `beta` holds the first loss's, for what TRL reads from it.
@@ -282,6 +308,48 @@ class DPOPlusConfig(DPOConfig):
             if self.sync_ref_model:
                 raise ValueError(f"`sync_ref_model=True` needs a reference model, but {self.loss_type} is reference-free")
         super().__post_init__()
+
+    def _check_data_kind(self, specs) -> None:
+        """Paired and unpaired losses do not mix; the unpaired ones' KL term needs TRL's batch and sampling setup."""
+        kinds = {spec.data for spec in specs}
+        if len(kinds) > 1:
+            by_kind = {k: [s.name for s in specs if s.data == k] for k in sorted(kinds)}
+            raise ValueError(
+                f"loss_type={self.loss_type} mixes losses for {DATA_KINDS['paired']} {by_kind['paired']} with losses for "
+                f"{DATA_KINDS['unpaired']} {by_kind['unpaired']}: a run trains on one kind of data. Pick losses of one "
+                "kind (kto_pair is KTO on pairs)."
+            )
+        kl_losses = [s.name for s in specs if s.data == "unpaired" and s.requires_kl]
+        if self.train_sampling_strategy is None:
+            self.train_sampling_strategy = "sequential" if kl_losses else "random"
+        if kinds != {"unpaired"}:
+            return
+        if self.ld_alpha is not None or self.use_weighting:
+            option = "ld_alpha" if self.ld_alpha is not None else "use_weighting"
+            raise ValueError(f"{option} weights the tokens or pairs of paired data; {self.loss_type} train on unpaired "
+                             f"completions. Unset {option}.")
+        if not kl_losses:
+            return
+        if self.per_device_train_batch_size <= 1:
+            raise ValueError(
+                f"{kl_losses} estimate the KL baseline from each prompt paired with another row's completion in the same "
+                f"batch, so per_device_train_batch_size must be > 1 (it is {self.per_device_train_batch_size}); with 1 "
+                "the baseline would equal the row's own reward. Raise it (and lower gradient_accumulation_steps to "
+                "keep the effective batch), or use 'apo_zero_unpaired', which has no KL term."
+            )
+        if self.train_sampling_strategy != "sequential":
+            raise ValueError(
+                f"{kl_losses} pair each prompt with the completion of its neighbour in a fixed-order batch of "
+                f"per_device_train_batch_size rows (as TRL's KTOTrainer does), so training must read the rows in order: "
+                f"train_sampling_strategy={self.train_sampling_strategy!r} would break that pairing. Leave "
+                "train_sampling_strategy unset (or 'sequential') and shuffle the dataset once beforehand "
+                "(dataset.shuffle(seed=...)) if it is sorted."
+            )
+
+    @property
+    def data_kind(self) -> str:
+        """`"paired"` or `"unpaired"`: the kind of rows the selected losses train on."""
+        return get_loss(self.loss_type[0]).data
 
     def _select_device(self) -> None:
         global _cpu_notice_given

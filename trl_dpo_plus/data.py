@@ -9,7 +9,17 @@ from datasets import Dataset, IterableDataset
 
 logger = logging.getLogger(__name__)
 
-REQUIRED = ("chosen", "rejected")
+REQUIRED = {"paired": ("chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
+TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion")
+
+
+def data_kind_of(columns) -> str | None:
+    """`"paired"` for chosen/rejected columns, `"unpaired"` for completion/label columns, else `None`."""
+    if {"chosen", "rejected"} <= set(columns):
+        return "paired"
+    if {"completion", "label"} <= set(columns):
+        return "unpaired"
+    return None
 
 
 @dataclass
@@ -60,14 +70,21 @@ def _check_field(value, column: str, row: int) -> None:
 
 
 def check_row(example: dict, row: int, name: str = "train") -> None:
-    """The checks on one row: each field's type and messages, and one format (plain text or conversational) for all."""
-    fields = [c for c in ("prompt", "chosen", "rejected") if c in example]
+    """The checks on one row: each field's type and messages, a bool label on unpaired rows, and one format (plain
+    text or conversational) for all."""
+    fields = [c for c in TEXT_FIELDS if c in example]
     for column in fields:
         _check_field(example[column], f"{name}:{column}" if name != "train" else column, row)
+    if "label" in example and not (isinstance(example["label"], bool) or example["label"] in (0, 1)):
+        raise TypeError(
+            f"Row {row}, column {'label' if name == 'train' else f'{name}:label'!r}: {example['label']!r} is not a bool. "
+            "Label each completion True (desirable, thumbs up) or False (undesirable), e.g. "
+            "dataset.map(lambda row: {'label': row['label'] == 'good'})."
+        )
     kinds = {c: "conversational" if isinstance(example[c], list) else "text" for c in fields}
     if len(set(kinds.values())) > 1:
         raise ValueError(
-            f"Row {row} mixes formats: {kinds}. Use plain strings for all of prompt/chosen/rejected, or message lists "
+            f"Row {row} mixes formats: {kinds}. Use plain strings for all of {'/'.join(fields)}, or message lists "
             "for all (a conversational prompt needs conversational completions)."
         )
 
@@ -81,12 +98,30 @@ def _check_streamed(dataset: IterableDataset, name: str) -> IterableDataset:
     return dataset.map(check, with_indices=True)
 
 
-def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: bool = False):
-    """Validate a prompt/chosen/rejected dataset; count (and optionally drop) empty or identical pairs.
+def _kind_mismatch(name: str, found: str, losses: list[str] | None) -> str:
+    from .losses import DATA_KINDS
 
-    Raises on an empty dataset, a missing column (naming the columns the dataset has), unpaired KTO-style data,
-    non-string fields, malformed messages and mixed formats (naming the row). A `datasets.IterableDataset` is checked
-    row by row as it streams.
+    what = f"loss_type={losses}" if losses else "this loss"
+    if found == "paired":
+        fix = ("Turn each pair into two unpaired rows (chosen → desirable, rejected → undesirable) with "
+               "trl_dpo_plus.unpair_preference_dataset(dataset) (on the command line: --unpair), or use 'kto_pair', "
+               "KTO on pairs.")
+    else:
+        fix = ("Use loss_type='kto' or 'apo_zero_unpaired', which train on unpaired rows, or build "
+               "prompt/chosen/rejected pairs from completions of the same prompt.")
+    expected = "unpaired" if found == "paired" else "paired"
+    return (f"The {name} dataset holds {DATA_KINDS[found]}, but {what} trains on {DATA_KINDS[expected]}. {fix}")
+
+
+def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: bool = False, kind: str = "paired",
+                             losses: list[str] | None = None):
+    """Validate a preference dataset of the given `kind`; count (and optionally drop) degenerate rows.
+
+    `kind="paired"`: prompt/chosen/rejected rows; empty or identical pairs are degenerate. `kind="unpaired"`:
+    prompt/completion/label rows (KTO-style thumbs up/down); an empty completion is degenerate. Raises on an empty
+    dataset, data of the other kind (naming the conversion), a missing column (naming the columns the dataset has),
+    non-string fields, non-bool labels, malformed messages and mixed formats (naming the row). A
+    `datasets.IterableDataset` is checked row by row as it streams.
     """
     if isinstance(dataset, IterableDataset):
         try:
@@ -99,43 +134,84 @@ def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: b
         columns = dataset.column_names
     else:
         return dataset  # dicts of datasets are checked one by one by the caller
-    missing = [c for c in REQUIRED if c not in columns]
+    found = data_kind_of(columns)
+    if found is not None and found != kind:
+        raise ValueError(_kind_mismatch(name, found, losses))
+    missing = [c for c in REQUIRED[kind] if c not in columns]
     if missing:
-        hint = ""
-        if {"completion", "label"} <= set(columns):
-            hint = " This looks like unpaired (KTO-style) data: pair it into chosen/rejected first."
+        needs = ("'prompt' (optional when chosen/rejected carry it), 'chosen' and 'rejected'" if kind == "paired"
+                 else "'prompt', 'completion' and 'label' (True for a desirable completion)")
         raise ValueError(
-            f"The {name} dataset has no {' or '.join(repr(c) for c in missing)} column. A preference dataset needs "
-            f"'prompt' (optional when chosen/rejected carry it), 'chosen' and 'rejected'; this one has {columns}.{hint}"
+            f"The {name} dataset has no {' or '.join(repr(c) for c in missing)} column. A {'preference' if kind == 'paired' else 'unpaired'} "
+            f"dataset needs {needs}; this one has {columns}."
         )
     if isinstance(dataset, IterableDataset):
         return _check_streamed(dataset, name)
 
-    fields = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    fields = [c for c in (*TEXT_FIELDS, "label") if c in columns]
     data = dataset.select_columns(fields).to_dict()
     counts = PairCounts(total=len(dataset))
     keep = []
     for row in range(len(dataset)):
         check_row({c: data[c][row] for c in fields}, row, name)
-        chosen, rejected = _text(data["chosen"][row]), _text(data["rejected"][row])
-        empty = not chosen.strip() or not rejected.strip()
-        identical = not empty and chosen.strip() == rejected.strip()
+        completions = [_text(data[c][row]).strip() for c in ("chosen", "rejected", "completion") if c in data]
+        empty = not all(completions)
+        identical = not empty and len(completions) == 2 and completions[0] == completions[1]
         counts.empty_completion += empty
         counts.identical += identical
         keep.append(not (empty or identical))
 
     if counts.degenerate:
         action = "dropped" if drop_degenerate else "kept (set drop_degenerate_pairs=True to drop them)"
-        logger.warning(
-            "%s dataset: %d of %d pairs have an empty completion and %d have chosen == rejected; %s. They give no "
-            "preference signal.",
-            name, counts.empty_completion, counts.total, counts.identical, action,
-        )
+        if kind == "paired":
+            logger.warning(
+                "%s dataset: %d of %d pairs have an empty completion and %d have chosen == rejected; %s. They give no "
+                "preference signal.",
+                name, counts.empty_completion, counts.total, counts.identical, action,
+            )
+        else:
+            logger.warning("%s dataset: %d of %d rows have an empty completion; %s. They give no signal.",
+                           name, counts.empty_completion, counts.total, action)
         if drop_degenerate:
             dataset = dataset.select([i for i, k in enumerate(keep) if k])
             if len(dataset) == 0:
-                raise ValueError(f"Every pair of the {name} dataset was empty or identical; nothing is left to train on")
+                raise ValueError(f"Every row of the {name} dataset was empty or identical; nothing is left to train on")
     return dataset
+
+
+def unpair_preference_dataset(dataset, *, seed: int | None = 0):
+    """Paired rows (prompt, chosen, rejected) -> unpaired rows (prompt, completion, label): each chosen completion
+    becomes a desirable row (`label=True`), each rejected one an undesirable row (`label=False`), other columns copied
+    to both. So `kto` can train on the same data as `kto_pair` and the paired losses.
+
+    Works on a `Dataset`, `DatasetDict`, `IterableDataset` or `IterableDatasetDict`; a dataset without a `prompt` column
+    has it extracted from chosen/rejected first (the common prefix, as TRL does). The rows are shuffled with `seed`
+    (an `IterableDataset` through a 1000-row buffer): `kto` reads rows in order and takes each row's KL completion
+    from its neighbour, so the two completions of one pair should not sit side by side, and each batch should hold
+    both labels. `seed=None` keeps TRL's order (within each block of 1000 pairs, the chosen rows, then the rejected).
+    """
+    from datasets import DatasetDict, IterableDatasetDict
+    from trl.data_utils import maybe_extract_prompt
+    from trl.data_utils import unpair_preference_dataset as trl_unpair
+
+    first = next(iter(dataset.values())) if isinstance(dataset, (DatasetDict, IterableDatasetDict)) else dataset
+    columns = first.column_names if first.column_names is not None else list(next(iter(first)).keys())
+    if data_kind_of(columns) != "paired":
+        raise ValueError(f"unpair_preference_dataset needs 'chosen' and 'rejected' columns; this dataset has {columns}")
+    if "prompt" not in columns:
+        dataset = dataset.map(maybe_extract_prompt)
+    unpaired = trl_unpair(dataset)
+    if seed is None:
+        return unpaired
+    if isinstance(unpaired, (DatasetDict, IterableDatasetDict)):
+        return type(unpaired)({k: _shuffle(v, seed) for k, v in unpaired.items()})
+    return _shuffle(unpaired, seed)
+
+
+def _shuffle(dataset, seed: int):
+    if isinstance(dataset, IterableDataset):
+        return dataset.shuffle(seed=seed, buffer_size=1000)
+    return dataset.shuffle(seed=seed).flatten_indices()
 
 
 def looks_like_local_path(name: str) -> bool:

@@ -16,6 +16,10 @@ Two layouts hand the loss path the same `PolicyForward` (per-sequence tensors, r
   a causal LM (and TRL's fused LM head) apply unchanged. Several pairs share a row up to a token budget
   (padding-free packing, block-diagonal mask). Only completion positions go through the LM head.
 
+Unpaired rows (KTO: prompt, completion, label) use the same layouts through `UnpairedCollator`: the completion takes
+the chosen branch and the KL completion (another row's completion, for KTO's baseline) the rejected branch, so one
+forward gives both, the prompt computed once.
+
 The packed batch also carries, for each of the 2B sequences, where its tokens lie in the packed rows
 (`unpack_index`), so the padded batch of the same pairs can be rebuilt on the device: that is how the trainer checks
 the packed forward against the padded one on the first batch, and how it falls back when the check fails.
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 
-NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "label"}
 TOKEN_FIELDS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 # Truncation modes: TRL's two, and one that keeps the pair's prompt identical for both completions
@@ -396,3 +400,20 @@ class PaddedPairCollator:
             truncated.append({**e, "prompt_ids": shared + chosen[:start], "chosen_ids": chosen[start:],
                               "rejected_ids": rejected[start:]})
         return self._collate(truncated)
+
+
+@dataclass
+class UnpairedCollator:
+    """Unpaired rows (`prompt_ids`, `completion_ids`, optional `KL_completion_ids`, `label`) collated by a pair
+    collator: the completion is the chosen branch and the KL completion the rejected one (empty when the loss has no KL
+    term), so `PolicyForward` rows are `[completion_1..B; KL_completion_1..B]`. Adds `label`, a `(B,)` bool tensor.
+    """
+
+    pair_collator: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pairs = [{**e, "chosen_ids": e["completion_ids"], "rejected_ids": e.get("KL_completion_ids", [])}
+                 for e in examples]
+        batch = self.pair_collator(pairs)
+        batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
+        return batch

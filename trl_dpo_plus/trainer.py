@@ -28,6 +28,7 @@ from datasets import Dataset
 from trl import DPOConfig
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as _trl_dpo
+from trl.trainer import kto_trainer as _trl_kto
 from trl.trainer import utils as _trl_utils
 
 from .config import DPOPlusConfig
@@ -48,10 +49,11 @@ from .layout import (
     SharedPrefixCollator,
     SharedPrefixLayout,
     UnpackedPaddedLayout,
+    UnpairedCollator,
     padded_tokens,
     unpack_to_padded,
 )
-from .losses import PreferenceBatch, get_loss
+from .losses import PreferenceBatch, UnpairedBatch, get_loss
 from .losses._common import per_token
 from .console import install_compact_console
 from .qlora import prepare_adapter_training
@@ -60,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 METRIC_PREFIX = "dpo_plus"
 TOKEN_ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# Unpaired rows as TRL's KTOTrainer prepares them: the completion, and another row's completion for the KL baseline
+UNPAIRED_TOKEN_ID_COLUMNS = ("prompt_ids", "completion_ids", "KL_completion_ids")
+UNPAIRED_COLUMNS = ("completion_ids", "KL_completion_ids", "label")
 _TRL_INIT_ARGS = (
     "data_collator", "train_dataset", "eval_dataset", "processing_class", "compute_metrics", "callbacks",
     "optimizers", "quantization_config", "peft_config",
@@ -83,11 +88,12 @@ def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> tor
 
 
 def _without_filter(args):
-    """A copy of `args` under which TRL's preparation keeps every pair (it drops only under `keep_start`)."""
+    """A copy of `args` under which TRL's preparation keeps every row: its DPO and KTO preparations read `max_length`
+    only to drop rows whose prompt alone fills it."""
     import copy
 
     args = copy.copy(args)
-    args.truncation_mode = "keep_completions"
+    args.max_length = None
     return args
 
 
@@ -144,6 +150,12 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         self.loss_kwargs = [args.loss_kwargs_for(name) for name in args.loss_type]
         self.requires_reference = args.requires_reference
         self.requires_kl = any(spec.requires_kl for spec in self.loss_specs)
+        self.data_kind = args.data_kind  # "paired" or "unpaired", the same for every selected loss (checked in config)
+        if self.data_kind == "unpaired":  # what TRL's KTO preparation reads (see `_prepare_unpaired`)
+            self.calculate_KL = self.requires_kl
+            weights = next((kw for kw in self.loss_kwargs if "desirable_weight" in kw), {})
+            self.desirable_weight = weights.get("desirable_weight", 1.0)
+            self.undesirable_weight = weights.get("undesirable_weight", 1.0)
 
         # Positional arguments as in TRL's signature, so that they can be read and replaced by name
         if len(pos_args) > len(_TRL_INIT_ARGS):
@@ -152,7 +164,8 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
         # The datasets are checked on the raw text, before TRL tokenizes them and before any model is loaded
         def check(dataset, name):
-            return check_preference_dataset(dataset, name=name, drop_degenerate=args.drop_degenerate_pairs)
+            return check_preference_dataset(dataset, name=name, drop_degenerate=args.drop_degenerate_pairs,
+                                            kind=self.data_kind, losses=list(args.loss_type))
 
         if kwargs.get("train_dataset") is not None:
             kwargs["train_dataset"] = check(kwargs["train_dataset"], "train")
@@ -195,6 +208,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                 "batch), or choose a per-pair loss such as 'sigmoid'."
             )
         self._install_layout()
+        self.label_counts = self._count_labels()
         token_ids = self._token_id_tables()
         self.truncation_counts = self._count_truncation(raw_sizes, token_ids)
         self._counts_logged = False
@@ -215,6 +229,9 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                     self.add_callback(callback)
         if self.diagnostics and DiagnosticsReportCallback not in given:
             self.add_callback(DiagnosticsReportCallback())
+        if self.data_kind == "unpaired":  # the statistics' chosen/rejected are the desirable/undesirable rows
+            for callback in self.diagnostics:
+                callback.sides = ("desirable", "undesirable")
 
     @property
     def diagnostics(self) -> list[DiagnosticCallback]:
@@ -299,32 +316,56 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         return None
 
     def _install_layout(self) -> None:
-        """Choose the layout once (`args.pair_layout`) and install its collator; say why when it is not the default."""
+        """Choose the layout once (`args.pair_layout`) and install its collator; say why when it is not the default.
+
+        Unpaired rows go through the same layouts: the completion takes the chosen branch and the KL completion (another
+        row's completion, for KTO's baseline) the rejected one (`UnpairedCollator`)."""
         if self._layout_installed:
             return
         self._layout_installed = True
+        self.layout, self.layout_reason, collator = self._choose_layout()
+        if collator is not None:
+            self.data_collator = collator
+        if self.data_kind == "unpaired" and not self._user_collator:
+            self.data_collator = UnpairedCollator(self.data_collator)
+
+    def _choose_layout(self):
+        """`(layout, reason, collator or None to keep TRL's)`."""
         args = self.args
         blocker = self._shared_prefix_blocker() if args.pair_layout != "padded" else None
         if args.pair_layout == "shared_prefix" and blocker:
             raise ValueError(f"pair_layout='shared_prefix' is not exact here: {blocker}. Use pair_layout='auto' or 'padded'.")
         if args.pair_layout == "padded" or blocker:
-            self.layout = PaddedPairLayout()
-            self.layout_reason = "pair_layout='padded'" if args.pair_layout == "padded" else blocker
             if blocker:
                 logger.info("Pair layout: padded (TRL's), because %s", blocker)
+            collator = None
             if args.truncation_mode == "keep_completions" and not self._user_collator:
-                self.data_collator = PaddedPairCollator(
+                collator = PaddedPairCollator(
                     pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
                     pad_to_multiple_of=args.pad_to_multiple_of,
                 )
-            return
-        self.layout = SharedPrefixLayout()
-        self.layout_reason = "exact for this model (sdpa/eager attention, no sliding window)"
-        self.data_collator = SharedPrefixCollator(
+            return PaddedPairLayout(), "pair_layout='padded'" if args.pair_layout == "padded" else blocker, collator
+        collator = SharedPrefixCollator(
             pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length,
             truncation_mode=args.truncation_mode, packing_length=args.packing_budget,
             pad_to_multiple_of=args.pad_to_multiple_of,
         )
+        return SharedPrefixLayout(), "exact for this model (sdpa/eager attention, no sliding window)", collator
+
+    @property
+    def token_id_columns(self) -> tuple[str, ...]:
+        """The prepared token-id columns: the pair's, or the unpaired row's (the KL completion only for KTO)."""
+        if self.data_kind == "paired":
+            return TOKEN_ID_COLUMNS
+        return UNPAIRED_TOKEN_ID_COLUMNS if self.calculate_KL else UNPAIRED_TOKEN_ID_COLUMNS[:2]
+
+    def _count_labels(self) -> dict[str, int] | None:
+        """Desirable and undesirable rows of the prepared (map-style) unpaired train split."""
+        if self.data_kind != "unpaired" or not isinstance(self.train_dataset, Dataset):
+            return None
+        labels = self.train_dataset.with_format("arrow")["label"]
+        desirable = int(pc.sum(labels.cast("int64")).as_py() or 0)
+        return {"desirable": desirable, "undesirable": len(labels) - desirable}
 
     def _token_id_tables(self) -> dict:
         """Per prepared map-style split, its `prompt_ids`/`chosen_ids`/`rejected_ids` as one Arrow table, read once
@@ -334,7 +375,8 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             datasets.update(self.eval_dataset)
         elif self.eval_dataset is not None:
             datasets["eval"] = self.eval_dataset
-        return {name: ds.select_columns(list(TOKEN_ID_COLUMNS)).with_format("arrow")[:]
+        columns = list(self.token_id_columns)
+        return {name: ds.select_columns(columns).with_format("arrow")[:]
                 for name, ds in datasets.items() if isinstance(ds, Dataset) and "prompt_ids" in ds.column_names}
 
     def _check_token_ids(self, tables: dict) -> None:
@@ -343,7 +385,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         embeddings = self.accelerator.unwrap_model(self.model).get_input_embeddings()
         size = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
         for name, table in tables.items():
-            for column in TOKEN_ID_COLUMNS:
+            for column in table.column_names:
                 values = pc.list_flatten(table.column(column))
                 if len(values) == 0:
                     continue
@@ -357,20 +399,37 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
                     )
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """TRL's preparation; when `max_length` leaves nothing of a dataset, a clear error instead of
-        `num_samples=0` at the first step (or an evaluation on nothing)."""
-        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        """TRL's preparation (DPO's for pairs, KTO's for unpaired rows); when `max_length` leaves nothing of a dataset,
+        a clear error instead of `num_samples=0` at the first step (or an evaluation on nothing)."""
+        prepare = self._prepare_unpaired if self.data_kind == "unpaired" else super()._prepare_dataset
+        if self.data_kind == "unpaired" and args.truncation_mode != "keep_start":
+            args = _without_filter(args)  # the other modes keep every row (TRL's KTO drops under any mode)
+        prepared = prepare(dataset, processing_class, args, dataset_name)
         if isinstance(prepared, Dataset) and len(prepared) == 0 and isinstance(dataset, Dataset) and len(dataset) > 0:
-            lengths = sorted(len(ids) for ids in super()._prepare_dataset(
+            lengths = sorted(len(ids) for ids in prepare(
                 dataset, processing_class, _without_filter(args), dataset_name)["prompt_ids"])
             pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
             raise ValueError(
-                f"Every one of the {len(dataset)} pairs of the {dataset_name} dataset was dropped: its prompt alone "
+                f"Every one of the {len(dataset)} {'pairs' if self.data_kind == 'paired' else 'rows'} of the "
+                f"{dataset_name} dataset was dropped: its prompt alone "
                 f"fills max_length={args.max_length} tokens (prompt length p10/p50/p90/max: {pick(0.1)}/{pick(0.5)}/"
                 f"{pick(0.9)}/{lengths[-1]}). Raise max_length above the prompt lengths, or set "
                 "truncation_mode='keep_completions' to cut the prompt's start instead."
             )
         return prepared
+
+    def _prepare_unpaired(self, dataset, processing_class, args, dataset_name):
+        """Unpaired rows prepared exactly as TRL's `KTOTrainer` prepares them (its own method, run on this trainer):
+        EOS appended to plain-text completions, `prompt_ids`/`completion_ids` tokenized, rows whose prompt fills
+        `max_length` dropped, `KL_completion_ids` (each row's neighbour's completion within blocks of
+        `per_device_train_batch_size`) when a loss has a KL term, and TRL's warning when λD·nD / λU·nU is off."""
+        return _trl_kto.KTOTrainer._prepare_dataset(self, dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        """TRL's columns, plus the unpaired rows' (`remove_unused_columns` would drop them)."""
+        super()._set_signature_columns_if_needed()
+        if self.data_kind == "unpaired" and not set(UNPAIRED_COLUMNS) <= set(self._signature_columns):
+            self._signature_columns = [*self._signature_columns, *UNPAIRED_COLUMNS]
 
     def _count_truncation(self, raw_sizes: dict[str, int | None], tables: dict) -> dict[str, dict[str, int]]:
         """Per split: pairs kept, pairs TRL's preparation dropped (prompt alone fills `max_length` under
@@ -380,18 +439,20 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         for name, table in tables.items():
             if raw_sizes.get(name) is None:
                 continue
-            prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy() for c in TOKEN_ID_COLUMNS)
-            longest = np.maximum(chosen, rejected)
-            truncated = 0 if max_length is None else int((prompt + longest > max_length).sum())
+            # Paired: the longer completion decides; unpaired: the completion itself (not the KL completion)
+            lengths = [pc.list_value_length(table.column(c)).to_numpy() for c in self.token_id_columns]
+            longest = np.maximum(lengths[1], lengths[2]) if self.data_kind == "paired" else lengths[1]
+            truncated = 0 if max_length is None else int((lengths[0] + longest > max_length).sum())
             dropped = raw_sizes[name] - table.num_rows
             counts[name] = {"pairs": table.num_rows, "dropped": dropped, "truncated": truncated}
             if not (dropped or truncated):
                 continue
+            unit = "pairs" if self.data_kind == "paired" else "rows"
             what = "with their prompt cut at the start" if mode == "keep_completions" else "truncated"
-            message = f"{name} dataset, max_length={max_length}: {truncated} of {table.num_rows} pairs {what}"
+            message = f"{name} dataset, max_length={max_length}: {truncated} of {table.num_rows} {unit} {what}"
             if dropped:
-                message += (f"; {dropped} of {raw_sizes[name]} pairs dropped because the prompt alone fills max_length. "
-                            "truncation_mode='keep_completions' keeps every pair (it cuts the prompt's start, "
+                message += (f"; {dropped} of {raw_sizes[name]} {unit} dropped because the prompt alone fills max_length. "
+                            f"truncation_mode='keep_completions' keeps every {unit[:-1]} (it cuts the prompt's start, "
                             "identically for both completions); a larger max_length keeps more")
             logger.warning(message)
         return counts
@@ -495,15 +556,66 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         if isinstance(self.layout, SharedPrefixLayout) and not self._layout_verified:
             self._verify_layout(model, inputs)
         forward = self.layout.policy_forward(self, model, inputs)
+        if self.data_kind == "unpaired":
+            loss = self._unpaired_loss(mode, inputs, forward)
+        else:
+            loss = self._paired_loss(mode, inputs, forward)
+
+        if self.aux_loss_enabled:
+            aux_loss = forward.aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        if return_outputs:  # deprecated in TRL: the fused LM head builds no logits, so recompute them
+            padded = inputs if "pair_ids" not in inputs else unpack_to_padded(inputs, self.pad_token_id)
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in padded.items() if k not in NON_MODEL_KEYS})
+            return loss, outputs
+        return loss
+
+    def _reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's reference log-probs (both branches): precomputed, or from the reference forward now."""
+        if self.precompute_ref_logps:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        return self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+
+    def _record_finite(self, loss, forward: PolicyForward, reference: torch.Tensor | None) -> None:
+        for callback in self.diagnostics:
+            if isinstance(callback, NonFiniteCallback):
+                callback.record(loss if torch.is_tensor(loss) else torch.tensor(loss), forward.logps, reference)
+
+    def _unpaired_loss(self, mode: str, inputs, forward: PolicyForward):
+        """KTO-style loss of B unpaired completions; the layout's second branch holds each row's KL completion."""
+        logps, kl_logps = forward.logps.chunk(2, dim=0)
+        lengths = forward.lengths.chunk(2, dim=0)[0]
+        labels = inputs["label"].bool()
+        ref_logps = ref_kl_logps = kl = None
+        if self.requires_reference:
+            ref_logps, ref_kl_logps = self._reference_logps(inputs)
+            if self.calculate_KL:  # z0: the mismatched pairs' mean log-ratio over every process's rows, detached
+                sums = torch.stack([(kl_logps.detach() - ref_kl_logps).sum(),
+                                    torch.tensor(float(kl_logps.numel()), device=kl_logps.device)])
+                sums = self.accelerator.reduce(sums, reduction="sum")
+                kl = sums[0] / sums[1]
+        batch = UnpairedBatch(logps=logps, lengths=lengths, labels=labels, ref_logps=ref_logps, kl=kl)
+        loss = 0.0
+        loss_outputs = []
+        for spec, loss_kwargs, loss_weight in zip(self.loss_specs, self.loss_kwargs, self.loss_weights, strict=True):
+            out = spec(batch, **loss_kwargs)
+            loss += out.losses.mean() * loss_weight
+            loss_outputs.append(out)
+        if mode == "train":
+            self._record_finite(loss, forward, torch.cat([ref_logps, ref_kl_logps]) if batch.has_reference else None)
+        self._log_unpaired_metrics(mode, inputs, forward, batch, loss_outputs)
+        return loss
+
+    def _paired_loss(self, mode: str, inputs, forward: PolicyForward):
         chosen_logps, rejected_logps = forward.logps.chunk(2, dim=0)
         chosen_lengths, rejected_lengths = forward.lengths.chunk(2, dim=0)
 
         ref_chosen_logps = ref_rejected_logps = chosen_scores = rejected_scores = chosen_kl = rejected_kl = None
         if self.requires_reference:
-            if self.precompute_ref_logps:
-                ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            ref_chosen_logps, ref_rejected_logps = self._reference_logps(inputs)
             chosen_logratios = chosen_logps - ref_chosen_logps
             rejected_logratios = rejected_logps - ref_rejected_logps
             if self.f_divergence_type != "reverse_kl":
@@ -546,23 +658,10 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             loss += per_sequence_loss.mean() * loss_weight
             loss_outputs.append(out)
 
-        if self.aux_loss_enabled:
-            aux_loss = forward.aux_loss
-            loss = loss + self.router_aux_loss_coef * aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-
         if mode == "train":
-            for callback in self.diagnostics:
-                if isinstance(callback, NonFiniteCallback):
-                    callback.record(loss if torch.is_tensor(loss) else torch.tensor(loss), forward.logps,
-                                    torch.cat([ref_chosen_logps, ref_rejected_logps]) if batch.has_reference else None)
+            self._record_finite(loss, forward,
+                                torch.cat([ref_chosen_logps, ref_rejected_logps]) if batch.has_reference else None)
         self._log_metrics(mode, inputs, forward, batch, loss_outputs)
-
-        if return_outputs:  # deprecated in TRL: the fused LM head builds no logits, so recompute them
-            padded = inputs if "pair_ids" not in inputs else unpack_to_padded(inputs, self.pad_token_id)
-            with torch.no_grad():
-                outputs = model(**{k: v for k, v in padded.items() if k not in NON_MODEL_KEYS})
-            return loss, outputs
         return loss
 
     def _wpo_weights(self, forward: PolicyForward) -> torch.Tensor:
@@ -574,34 +673,90 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         return chosen_weights * rejected_weights
 
     # -- metrics: TRL's names, plus per-pair statistics under `dpo_plus/` ---------------------------------------
-    def _log_metrics(self, mode, inputs, forward: PolicyForward, batch: PreferenceBatch, loss_outputs):
+    def _global_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float | None:
+        """Mean of `values` where `mask` is set, over every process; `None` where nothing is set."""
         gather = self.accelerator.gather_for_metrics
+        total = gather(values[mask].float().sum()).sum().item()
+        count = gather(mask.sum()).sum().item()
+        return total / count if count > 0 else None
+
+    def _log_token_metrics(self, mode, forward: PolicyForward, num_tokens: torch.Tensor, first: torch.Tensor,
+                           second: torch.Tensor) -> None:
+        """TRL's token-level metrics: entropy, `num_tokens`, `logits/chosen|rejected` over the rows in `first` and
+        `second` (`(2B,)` masks), `mean_token_accuracy` over the `first` rows."""
         metrics = self._metrics[mode]
-        mask = forward.mask
-
-        total_tokens = gather(mask.sum()).sum()
-        entropy_sum = gather((forward.entropy.detach() * mask).sum()).sum()
-        metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
-
+        mask = forward.mask.bool()
+        rows = (first | second).unsqueeze(1)
+        metrics["entropy"].append(self._global_mean(forward.entropy.detach(), mask & rows) or 0.0)
         if mode == "train":
-            num_tokens = gather(forward.num_tokens.reshape(1)).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
+            self._total_train_tokens += self.accelerator.gather(num_tokens.reshape(1)).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+        for side, side_rows in (("chosen", first), ("rejected", second)):
+            mean = self._global_mean(forward.mean_logits, mask & side_rows.unsqueeze(1))
+            if mean is not None or self.data_kind == "paired":
+                metrics[f"logits/{side}"].append(mean or 0.0)
+        accuracy = self._global_mean(forward.is_top1, mask & first.unsqueeze(1))
+        metrics["mean_token_accuracy"].append(accuracy or 0.0)
 
-        chosen_mask, rejected_mask = mask.bool().chunk(2, dim=0)
-        chosen_mean_logits, rejected_mean_logits = forward.mean_logits.chunk(2, dim=0)
-        for side, side_logits, side_mask in (
-            ("chosen", chosen_mean_logits, chosen_mask),
-            ("rejected", rejected_mean_logits, rejected_mask),
-        ):
-            total = gather(side_logits[side_mask].sum()).sum().item()
-            count = gather(side_mask.sum()).sum().item()
-            metrics[f"logits/{side}"].append(total / count if count > 0 else 0.0)
+    def _log_loss_metrics(self, mode, loss_outputs) -> None:
+        """Each loss's own value (when several are mixed) and its extra metrics, under `dpo_plus/<loss>/`."""
+        gather = self.accelerator.gather_for_metrics
+        for spec, out in zip(self.loss_specs, loss_outputs):
+            if len(loss_outputs) > 1:
+                self._metrics[mode][f"{METRIC_PREFIX}/loss/{spec.name}"].append(
+                    gather(out.losses.detach().mean()).mean().item())
+            for key, value in out.metrics.items():
+                self._metrics[mode][f"{METRIC_PREFIX}/{spec.name}/{key}"].append(
+                    gather(value.detach().float().mean()).mean().item())
 
-        chosen_is_top1, _ = forward.is_top1.chunk(2, dim=0)
-        correct = gather((chosen_is_top1 & chosen_mask).sum()).sum()
-        count = gather(chosen_mask.sum()).sum()
-        metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+    def _log_unpaired_metrics(self, mode, inputs, forward: PolicyForward, batch: UnpairedBatch, loss_outputs):
+        """TRL's KTO metrics (`rewards/chosen` is the desirable completions' mean reward, `rewards/rejected` the
+        undesirable ones', `kl` the baseline z0), plus per-label statistics under `dpo_plus/`. `rewards/accuracies`
+        is the share of completions whose reward has their label's sign (above the reference when desirable, below
+        when undesirable); the diagnostics read that signed reward as the per-row margin."""
+        metrics = self._metrics[mode]
+        labels, padding = batch.labels, torch.zeros_like(batch.labels)
+        # The completion rows' tokens, as TRL's KTO counts them (the KL completions are not counted)
+        if "unpack_index" in inputs:
+            num_tokens = (inputs["unpack_index"][: labels.numel()] >= 0).sum()
+        else:
+            num_tokens = inputs["attention_mask"][: labels.numel()].sum()
+        self._log_token_metrics(mode, forward, num_tokens, torch.cat([labels, padding]), torch.cat([~labels, padding]))
+
+        gather = self.accelerator.gather
+        labels = gather(labels)
+        rewards = gather(loss_outputs[0].rewards).float()
+        logps = gather(batch.logps.detach()).float()
+        lengths = gather(batch.lengths.float())
+        signed = torch.where(labels, rewards, -rewards)
+        for side, rows in (("chosen", labels), ("rejected", ~labels)):
+            if rows.any():
+                metrics[f"rewards/{side}"].append(rewards[rows].mean().item())
+                metrics[f"logps/{side}"].append(logps[rows].mean().item())
+        if labels.any() and not labels.all():
+            metrics["rewards/margins"].append(rewards[labels].mean().item() - rewards[~labels].mean().item())
+        metrics["rewards/accuracies"].append((signed > 0).float().mean().item())
+        kl = next((out.metrics["kl"] for out in loss_outputs if "kl" in out.metrics), None)
+        if kl is not None:
+            metrics["kl"].append(kl.item())
+
+        # Per-row statistics for diagnostics, split by label: "chosen" = desirable, "rejected" = undesirable
+        rows = {"{}_logp_per_token": per_token(logps, lengths)}
+        if batch.has_reference:
+            rows["ref_{}_logp_per_token"] = per_token(gather(batch.ref_logps.detach()).float(), lengths)
+            rows["{}_logratio_per_token"] = rows["{}_logp_per_token"] - rows["ref_{}_logp_per_token"]
+        self._pair_stats[mode]["margin"].append(signed.cpu())
+        for key, value in rows.items():
+            for side, label, mask in (("chosen", "desirable", labels), ("rejected", "undesirable", ~labels)):
+                self._pair_stats[mode][key.format(side)].append(value[mask].cpu())
+                if mask.any():
+                    metrics[f"{METRIC_PREFIX}/{key.format(label)}"].append(value[mask].mean().item())
+        self._log_loss_metrics(mode, loss_outputs)
+
+    def _log_metrics(self, mode, inputs, forward: PolicyForward, batch: PreferenceBatch, loss_outputs):
+        metrics = self._metrics[mode]
+        chosen_rows = torch.arange(forward.mask.size(0), device=forward.mask.device) < batch.chosen_logps.numel()
+        self._log_token_metrics(mode, forward, forward.num_tokens, chosen_rows, ~chosen_rows)
 
         # Rewards as the first loss defines them (β·Δ for reference-based losses, like TRL)
         first = loss_outputs[0]
@@ -639,11 +794,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             if key != "margin":
                 metrics[f"{METRIC_PREFIX}/{key}"].append(value.mean().item())
 
-        for spec, out in zip(self.loss_specs, loss_outputs):
-            if len(loss_outputs) > 1:
-                metrics[f"{METRIC_PREFIX}/loss/{spec.name}"].append(gather(out.losses.detach().mean()).mean().item())
-            for key, value in out.metrics.items():
-                metrics[f"{METRIC_PREFIX}/{spec.name}/{key}"].append(gather(value.detach().float().mean()).mean().item())
+        self._log_loss_metrics(mode, loss_outputs)
 
     # -- Hub-ready output: a card that says how the model was trained -------------------------------------------
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, output_dir=None):

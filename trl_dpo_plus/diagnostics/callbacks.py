@@ -68,6 +68,9 @@ class DiagnosticCallback(TrainerCallback, ExportableState):
     name = "diagnostic"
     needs: tuple[str, ...] = ()  # per-pair statistics this detector cannot work without
     remedies = REMEDIES
+    # What the two sides are called in messages: the trainer sets ("desirable", "undesirable") for unpaired (KTO) data,
+    # where the statistics' "chosen"/"rejected" are the completions labelled desirable/undesirable
+    sides = ("chosen", "rejected")
 
     default_window = 5
 
@@ -137,9 +140,12 @@ class DiagnosticCallback(TrainerCallback, ExportableState):
             return {}
         missing = [key for key in self.needs if key not in stats]
         if missing:
-            self.disabled_reason = f"needs {missing}, which this run does not produce (a reference-free loss?)"
+            self.disabled_reason = (f"needs {missing}, which this run does not produce (a reference-free loss has no "
+                                    "log-ratios; unpaired data has no pairs whose lengths to compare)")
             if is_main:
                 logger.info("%s switched off: %s", type(self).__name__, self.disabled_reason)
+            return {}
+        if any(stats[key].numel() == 0 for key in self.needs):  # e.g. no undesirable row since the last log
             return {}
         metrics, raised = self.evaluate(step, stats)
         new = [flag for flag in raised if flag.name not in self._active]
@@ -283,15 +289,16 @@ class LikelihoodDisplacementCallback(DiagnosticCallback):
         numbers = {"chosen_logratio": chosen[-1], "rejected_logratio": rejected[-1],
                    "d_chosen": d_chosen, "d_rejected": d_rejected, "d_margin": d_margin, "ratio": ratio}
         flags = []
+        good, bad = self.sides
         if full and chosen[-1] < -self.chosen_drop and _slope(chosen) < 0 and _slope(margin) > 0:
             flags.append(Flag(self.name, "both_falling", step,
-                              "chosen log-probs are falling below the reference while the margin grows", numbers))
+                              f"{good} log-probs are falling below the reference while the margin grows", numbers))
         if rejected[-1] < -self.rejected_collapse:
             flags.append(Flag(self.name, "rejected_collapse", step,
-                              f"rejected per-token log-ratio {rejected[-1]:.3f} < −{self.rejected_collapse}", numbers))
+                              f"{bad} per-token log-ratio {rejected[-1]:.3f} < −{self.rejected_collapse}", numbers))
         if full and d_margin > 0 and abs(d_rejected) >= self.min_change and ratio > self.rejected_ratio:
             flags.append(Flag(self.name, "rejected_driven", step,
-                              f"margin growth is driven by the rejected side ({ratio:.1f}× the chosen change)", numbers))
+                              f"margin growth is driven by the {bad} side ({ratio:.1f}× the {good} change)", numbers))
         return metrics, flags
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._lazy import torch as _torch
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,6 +66,41 @@ class PreferenceBatch:
         return self.ref_chosen_logps is not None
 
 
+@dataclass(frozen=True)
+class UnpairedBatch:
+    """Per-completion statistics of a batch of B unpaired completions, each labelled desirable or undesirable (KTO).
+
+    Args:
+        logps: `(B,)` policy log-prob of each completion, summed over its tokens.
+        ref_logps: `(B,)` reference log-prob of each completion; `None` for reference-free losses.
+        lengths: `(B,)` completion token counts.
+        labels: `(B,)` bool, True where the completion is desirable.
+        kl: 0-dim KL baseline `mean(log π(y'|x) − log π_ref(y'|x))` over mismatched (prompt, completion) pairs of the
+            *global* batch (all processes), detached, not yet clamped; `None` for losses without a KL term.
+    """
+
+    logps: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+    def __post_init__(self):
+        size = self.logps.shape
+        if len(size) != 1:
+            raise ValueError(f"UnpairedBatch fields must have shape (B,), got logps of shape {tuple(size)}")
+        for name in ("lengths", "labels", "ref_logps"):
+            value = getattr(self, name)
+            if value is not None and value.shape != size:
+                raise ValueError(f"UnpairedBatch.{name} has shape {tuple(value.shape)}, expected {tuple(size)}")
+        if self.labels.dtype != _torch.bool:
+            raise TypeError(f"UnpairedBatch.labels must be a bool tensor, got {self.labels.dtype}")
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_logps is not None
+
+
 @dataclass
 class LossOutput:
     """What a loss returns: unreduced per-pair losses and the rewards as that loss defines them.
@@ -79,4 +116,19 @@ class LossOutput:
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class UnpairedLossOutput:
+    """What an unpaired loss returns.
+
+    Args:
+        losses: `(B,)` per-completion losses, weights (λD, λU) applied, not reduced; the trainer takes the mean.
+        rewards: `(B,)` detached implicit reward of each completion, e.g. `β·(log π − log π_ref)` for KTO.
+        metrics: extra detached scalars to log, keyed by a short name (KTO logs its baseline as `kl`).
+    """
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .._lazy import torch
 from ._common import dpo_rewards, logratios
-from ._types import LossOutput, PreferenceBatch
+from ._types import LossOutput, PreferenceBatch, UnpairedBatch, UnpairedLossOutput
+from .kto import unpaired_logratios, weighted
 from .registry import register_loss
 
 
@@ -32,3 +33,28 @@ def apo_down(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     """
     dw, dl = logratios(batch)
     return LossOutput(torch.sigmoid(beta * dw) + 1 - torch.sigmoid(beta * (dw - dl)), *dpo_rewards(batch, beta))
+
+
+@register_loss(
+    "apo_zero_unpaired",
+    requires_reference=True,
+    per_pair=False,
+    paper="https://arxiv.org/abs/2408.06266",
+    ranges={"beta": "(0, inf)", "desirable_weight": "(0, inf)", "undesirable_weight": "(0, inf)"},
+    data="unpaired",
+)
+def apo_zero_unpaired(batch: UnpairedBatch, *, beta: float = 0.1, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0) -> UnpairedLossOutput:
+    """APO-zero, unpaired — D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266; TRL's KTOTrainer
+    `loss_type="apo_zero_unpaired"`.
+
+    Loss: λD·(1 − σ(βΔ)) if desirable, λU·σ(βΔ) if undesirable
+    Use: when your feedback is unpaired good/bad completions and the good ones are better than your model's own.
+
+    APO-zero's two halves applied to single completions: no KL baseline, so no mismatched completions are needed
+    (any sampling order works, and a batch of one).
+    """
+    delta = unpaired_logratios(batch)
+    losses = weighted(1 - torch.sigmoid(beta * delta), torch.sigmoid(beta * delta), batch.labels,
+                      desirable_weight, undesirable_weight)
+    return UnpairedLossOutput(losses, beta * delta.detach())

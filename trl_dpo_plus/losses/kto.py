@@ -1,11 +1,54 @@
-"""KTO on preference pairs (kto_pair), with the batch-level KL baseline."""
+"""KTO: on unpaired completions labelled desirable/undesirable (kto), and on preference pairs (kto_pair)."""
 
 from __future__ import annotations
 
 from .._lazy import torch
 from ._common import dpo_rewards, logratios
-from ._types import LossOutput, PreferenceBatch
+from ._types import LossOutput, PreferenceBatch, UnpairedBatch, UnpairedLossOutput
 from .registry import register_loss
+
+
+def unpaired_logratios(batch: UnpairedBatch) -> torch.Tensor:
+    """`Δ = log π(y|x) − log π_ref(y|x)` per completion; the reference side is detached."""
+    if not batch.has_reference:
+        raise ValueError("This loss needs reference log-probs, but the batch has ref_logps=None")
+    return batch.logps - batch.ref_logps.detach()
+
+
+def weighted(losses_desirable: torch.Tensor, losses_undesirable: torch.Tensor, labels: torch.Tensor,
+             desirable_weight: float, undesirable_weight: float) -> torch.Tensor:
+    """Per completion: `λD·loss` where the label is desirable, `λU·loss` where it is not."""
+    return torch.where(labels, desirable_weight * losses_desirable, undesirable_weight * losses_undesirable)
+
+
+@register_loss(
+    "kto",
+    requires_reference=True,
+    requires_kl=True,
+    per_pair=False,
+    paper="https://arxiv.org/abs/2402.01306",
+    ranges={"beta": "(0, inf)", "desirable_weight": "(0, inf)", "undesirable_weight": "(0, inf)"},
+    data="unpaired",
+)
+def kto(batch: UnpairedBatch, *, beta: float = 0.1, desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0) -> UnpairedLossOutput:
+    """KTO — Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306 (Eq. 7 and 8); TRL's KTOTrainer `loss_type="kto"`.
+
+    Loss: λD·(1 − σ(β(Δ − z0))) if desirable, λU·(1 − σ(β(z0 − Δ))) if undesirable; z0 = clamp(KL estimate, min=0)
+    Use: when your feedback is single completions marked good or bad (thumbs up/down), not pairs.
+
+    Δ = log π(y|x) − log π_ref(y|x). The baseline z0 is the mean of log π(y'|x) − log π_ref(y'|x) over mismatched
+    (prompt, completion) pairs of the global batch (each prompt with its neighbour's completion, as TRL builds them),
+    detached and clamped at 0. Set λD, λU so that λD·nD / (λU·nU) lies in [1, 4/3] (the paper's Eq. 8; the trainer
+    warns otherwise).
+    """
+    if batch.kl is None:
+        raise ValueError("kto needs the batch's KL baseline (UnpairedBatch.kl), estimated from mismatched completions")
+    delta = unpaired_logratios(batch)
+    z0 = batch.kl.detach().clamp(min=0)
+    losses = weighted(1 - torch.sigmoid(beta * (delta - z0)), 1 - torch.sigmoid(beta * (z0 - delta)), batch.labels,
+                      desirable_weight, undesirable_weight)
+    return UnpairedLossOutput(losses, beta * delta.detach(), metrics={"kl": z0})
 
 
 @register_loss(

@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from ._types import LossOutput, PreferenceBatch
+from ._types import LossOutput, PreferenceBatch, UnpairedBatch, UnpairedLossOutput
 
 ENTRY_POINT_GROUP = "trl_dpo_plus.losses"
+# What a loss trains on: pairs (prompt, chosen, rejected) or unpaired completions (prompt, completion, label)
+DATA_KINDS = {
+    "paired": "pairs (prompt, chosen, rejected)",
+    "unpaired": "unpaired completions (prompt, completion, label: bool)",
+}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
-LossFn = Callable[..., LossOutput]
+LossFn = Callable[..., LossOutput | UnpairedLossOutput]
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class LossSpec:
     per_pair: bool = True
     paper: str | None = None
     ranges: Mapping[str, Interval] = field(default_factory=dict)
+    data: str = "paired"
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -81,7 +87,7 @@ class LossSpec:
         """The docstring's `Use:` line: when to pick this loss."""
         return _doc_field(self.fn, "Use:")
 
-    def __call__(self, batch: PreferenceBatch, **kwargs: Any) -> LossOutput:
+    def __call__(self, batch: PreferenceBatch | UnpairedBatch, **kwargs: Any) -> LossOutput | UnpairedLossOutput:
         return self.fn(batch, **kwargs)
 
 
@@ -105,21 +111,28 @@ def register_loss(
     per_pair: bool = True,
     paper: str | None = None,
     ranges: Mapping[str, str] | None = None,
+    data: str = "paired",
 ) -> Callable[[LossFn], LossFn]:
-    """Register `fn(batch: PreferenceBatch, *, beta, ...) -> LossOutput` under `name`.
+    """Register `fn(batch: PreferenceBatch, *, beta, ...) -> LossOutput` under `name` (for `data="unpaired"`:
+    `fn(batch: UnpairedBatch, *, beta, ...) -> UnpairedLossOutput`).
 
     Args:
         name: lowercase snake_case; registering a taken name raises.
         requires_reference: whether the loss reads `ref_*_logps`. When every selected loss says False, the trainer
             loads no reference model and runs no reference forward.
-        requires_kl: whether the loss reads the batch-level baselines `chosen_kl`/`rejected_kl`.
+        requires_kl: whether the loss reads a KL baseline: `chosen_kl`/`rejected_kl` of a paired batch, or the `kl`
+            of an unpaired batch (then the trainer builds mismatched KL completions for it).
         supports_f_divergence: whether the loss reads `chosen_scores`/`rejected_scores` (f-DPO).
         per_pair: False for losses that mix pairs (aot sorts across the batch, sft is a batch token mean).
         paper: link to the method's paper.
         ranges: allowed values of keyword hyperparameters, e.g. `{"beta": "(0, inf)"}`.
+        data: `"paired"` (prompt/chosen/rejected rows) or `"unpaired"` (prompt/completion/label rows); the trainer
+            refuses a dataset of the other kind at preparation.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"Loss name {name!r} must be lowercase snake_case, e.g. 'my_loss'")
+    if data not in DATA_KINDS:
+        raise ValueError(f"Loss {name!r}: data={data!r}; choose one of {list(DATA_KINDS)}")
 
     def decorator(fn: LossFn) -> LossFn:
         if name in _REGISTRY:
@@ -143,6 +156,7 @@ def register_loss(
             per_pair=per_pair,
             paper=paper,
             ranges=parsed,
+            data=data,
         )
         return fn
 
