@@ -6,13 +6,14 @@ MARKER = "<!-- loss-table -->"
 
 
 def loss_table() -> str:
-    rows = ["| loss | formula | reference-free | defaults | when to use | paper |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| loss | data | formula | reference-free | defaults | when to use | paper |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in list_losses():
         spec = get_loss(name)
         defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
         paper = f"[arXiv]({spec.paper})" if spec.paper else ""
         formula = spec.formula.replace("|", "\\|")
-        rows.append(f"| `{name}` | {formula} | {'yes' if not spec.requires_reference else 'no'} | {defaults} | "
+        rows.append(f"| `{name}` | {spec.data} | {formula} | {'yes' if not spec.requires_reference else 'no'} | {defaults} | "
                     f"{spec.use_when} | {paper} |")
     return "\n".join(rows)
 

@@ -1,7 +1,8 @@
 """Launched by tests/test_distributed.py with `torchrun --nproc_per_node 2` (gloo, CPU).
 
 Each rank records what its loss function actually received (the KL baselines and its own pairs' Δw) and what the
-diagnostics saw (the gathered pair statistics).
+diagnostics saw (the gathered pair statistics). With `kto` or `trl_kto` as the loss, it trains on unpaired rows with
+DPOPlusTrainer or with trl.KTOTrainer itself.
 """
 
 import dataclasses
@@ -9,7 +10,8 @@ import json
 import sys
 
 sys.path.insert(0, sys.argv[3])
-from conftest import make_pairs  # noqa: E402
+import trl  # noqa: E402
+from conftest import make_pairs, make_unpaired  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from trl_dpo_plus import DPOConfig, DPOTrainer  # noqa: E402
@@ -18,9 +20,17 @@ model_path, out_path = sys.argv[1], sys.argv[2]
 layout = sys.argv[4] if len(sys.argv) > 4 else "auto"
 loss_type = sys.argv[5].split(",") if len(sys.argv) > 5 else ["kto_pair"]
 batch_size = int(sys.argv[6]) if len(sys.argv) > 6 else 3
-args = DPOConfig(output_dir=out_path, loss_type=loss_type, max_steps=2, per_device_train_batch_size=batch_size,
-                 learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0, pair_layout=layout)
-trainer = DPOTrainer(model_path, args=args, train_dataset=make_pairs(24), processing_class=AutoTokenizer.from_pretrained(model_path))
+common = dict(output_dir=out_path, max_steps=2, per_device_train_batch_size=batch_size, learning_rate=1e-3,
+              logging_steps=1, report_to=[], save_strategy="no", seed=0)
+tokenizer = AutoTokenizer.from_pretrained(model_path)
+if loss_type == ["trl_kto"]:
+    trainer = trl.KTOTrainer(model_path, args=trl.KTOConfig(**common, use_cpu=True, bf16=False),
+                             train_dataset=make_unpaired(24), processing_class=tokenizer)
+    trainer.loss_specs, trainer.layout = [None], None
+else:
+    args = DPOConfig(**common, loss_type=loss_type, pair_layout=layout)
+    data = make_unpaired(24) if loss_type == ["kto"] else make_pairs(24)
+    trainer = DPOTrainer(model_path, args=args, train_dataset=data, processing_class=tokenizer)
 
 seen = []
 spec = trainer.loss_specs[0]
@@ -32,15 +42,21 @@ def recording_loss(batch, **kwargs):
     return spec.fn(batch, **kwargs)
 
 
-if spec.name == "kto_pair":
-    trainer.loss_specs[0] = dataclasses.replace(spec, fn=recording_loss)
+def recording_unpaired_loss(batch, **kwargs):
+    seen.append({"kl": float(batch.kl)})
+    return spec.fn(batch, **kwargs)
+
+
+if spec is not None and spec.name in ("kto_pair", "kto"):
+    recording = recording_loss if spec.name == "kto_pair" else recording_unpaired_loss
+    trainer.loss_specs[0] = dataclasses.replace(spec, fn=recording)
 
 
 class PairsSeen(TrainerCallback):
     pairs = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if "margin" in trainer.last_pair_statistics:
+        if "margin" in getattr(trainer, "last_pair_statistics", {}):
             self.pairs.append(int(trainer.last_pair_statistics["margin"].numel()))
 
 
@@ -49,7 +65,9 @@ trainer.train()
 rank = trainer.accelerator.process_index
 with open(f"{out_path}/rank{rank}.json", "w") as f:
     json.dump({"world_size": trainer.accelerator.num_processes, "seen": seen, "pairs_logged": PairsSeen.pairs,
-               "layout": trainer.layout.name, "layout_check": trainer.layout_check,
+               "layout": getattr(trainer.layout, "name", None), "layout_check": getattr(trainer, "layout_check", None),
+               "kl": [h["kl"] for h in trainer.state.log_history if "kl" in h],
                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h],
                "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]}, f)
-trainer.end()  # as scripts end: waits for every rank, then destroys the process group
+if hasattr(trainer, "end"):
+    trainer.end()  # as scripts end: waits for every rank, then destroys the process group

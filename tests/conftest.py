@@ -62,6 +62,20 @@ def make_pairs(n: int, seed: int = 0):
     return Dataset.from_list(rows)
 
 
+def make_unpaired(n: int, seed: int = 0, desirable_share: float = 0.5):
+    """Unpaired rows (KTO): each generated pair's chosen (desirable) or rejected (undesirable) completion, not both."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for row in make_pairs(n, seed=seed):
+        good = rng.random() < desirable_share
+        rows.append({"prompt": row["prompt"], "completion": row["chosen" if good else "rejected"], "label": good})
+    return Dataset.from_list(rows)
+
+
 @pytest.fixture(scope="session")
 def stories_path():
     from trl_dpo_plus.assets import default_model_path

@@ -76,7 +76,7 @@ DATASET = {  # id: (train_dataset factory, words)
     "missing column": (lambda: Dataset.from_list([{"prompt": "p", "chosen": "c"}]), ["no 'rejected' column",
                                                                                      "needs 'prompt'"]),
     "unpaired KTO data": (lambda: Dataset.from_list([{"prompt": "p", "completion": "c", "label": True}]),
-                          ["no 'chosen' or 'rejected'", "unpaired (KTO-style)"]),
+                          ["holds unpaired completions", "trains on pairs", "loss_type='kto'"]),
     "number for text": (lambda: Dataset.from_list([{"prompt": "p", "chosen": 7, "rejected": "r"}]),
                         ["Row 0, column 'chosen'", "int", "Convert the column"]),
     "None for text": (lambda: rows(rejected=(2, None)), ["Row 2, column 'rejected'", "NoneType"]),

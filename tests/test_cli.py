@@ -1,6 +1,7 @@
 """The command line: train from a local dataset or a YAML config, the registry listing, argparse-style errors,
 and `run` executing an unchanged TRL script with a registry-only loss."""
 
+import re
 import json
 import os
 import subprocess
@@ -28,8 +29,9 @@ def pairs_dir(tmp_path):
 def test_losses_lists_the_registry(capsys):
     assert main(["losses"]) == 0
     out = capsys.readouterr().out
-    assert "simpo         yes             beta=2.0, gamma=1.0" in out
-    assert "sigmoid       no              beta=0.1" in out and "https://arxiv.org/abs/2305.18290" in out
+    assert re.search(r"simpo +paired +yes +beta=2.0, gamma=1.0", out)
+    assert re.search(r"sigmoid +paired +no +beta=0.1 ", out) and "https://arxiv.org/abs/2305.18290" in out
+    assert re.search(r"kto +unpaired +no +beta=0.1, desirable_weight=1.0, undesirable_weight=1.0", out)
 
 
 def test_train_from_a_local_folder(tiny_models, pairs_dir, tmp_path):

@@ -73,3 +73,21 @@ def test_aot_refuses_several_processes_with_a_clear_message(tiny_models, tmp_pat
     result = launch(tiny_models["llama"], tmp_path, port=29522, loss="aot", batch_size=3)
     assert result.returncode != 0
     assert "sort the log-ratios across the batch" in result.stderr and "one process" in result.stderr
+
+
+@pytest.mark.slow
+def test_kto_on_two_processes_matches_trl_kto_and_uses_the_global_baseline(tiny_models, tmp_path):
+    """Unpaired KTO, 2 processes × 4 rows: the loss, gradient norm and KL baseline of each step equal
+    trl.KTOTrainer's on the same launch, and both ranks' losses received the same baseline: the mean over both ranks'
+    mismatched rows, which TRL gathers and logs as `kl` (a rank's own mean would differ from it after one update)."""
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "trl").mkdir()
+    ours = two_process_run(tiny_models["llama"], tmp_path / "ours", "padded", port=29523, loss="kto", batch_size=4)
+    theirs = two_process_run(tiny_models["llama"], tmp_path / "trl", port=29524, loss="trl_kto", batch_size=4)
+    assert ours[0]["world_size"] == 2
+    assert ours[0]["losses"] == pytest.approx(theirs[0]["losses"], rel=1e-6, abs=1e-6)
+    assert ours[0]["grad_norms"] == pytest.approx(theirs[0]["grad_norms"], rel=1e-6, abs=1e-6)
+    assert ours[0]["kl"] == pytest.approx(theirs[0]["kl"], rel=1e-5, abs=1e-6)
+    received = [[step["kl"] for step in rank["seen"]] for rank in ours]
+    assert received[0] == pytest.approx(received[1], abs=1e-7)  # one baseline for both ranks
+    assert received[0][1] == pytest.approx(theirs[0]["kl"][1], rel=1e-5, abs=1e-6) and received[0][1] > 0

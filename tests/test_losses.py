@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_dpo_plus.losses import LossOutput, PreferenceBatch, get_loss, list_losses
+from trl_dpo_plus.losses import (
+    LossOutput,
+    PreferenceBatch,
+    UnpairedBatch,
+    UnpairedLossOutput,
+    get_loss,
+    list_losses,
+)
 
 # -- independent formulas, in float64, from the papers / TRL 1.16 `_compute_loss` --------------------------------
 # x: dict with lw, ll, rw, rl, nw, nl (lengths). Each returns the per-pair loss vector.
@@ -115,10 +122,14 @@ def to_batch(x, with_reference=True):
     )
 
 
+PAIRED = [n for n in list_losses() if get_loss(n).data == "paired"]
+
+
 def test_every_builtin_loss_has_an_independent_formula():
     builtin = {n for n in list_losses() if get_loss(n).fn.__module__.startswith("trl_dpo_plus.")}
-    assert builtin == set(REFERENCE), f"add an independent formula for: {sorted(builtin ^ set(REFERENCE))}"
-    assert len(builtin) >= 23
+    covered = set(REFERENCE) | set(REFERENCE_UNPAIRED)
+    assert builtin == covered, f"add an independent formula for: {sorted(builtin ^ covered)}"
+    assert len(builtin) >= 25
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7])
@@ -160,7 +171,7 @@ def test_parity_with_independent_formula(name, batch_size, dtype, loss_tol, grad
     torch.testing.assert_close(out.rejected_rewards.double(), want[1].detach(), rtol=loss_tol, atol=loss_tol)
 
 
-@pytest.mark.parametrize("name", list_losses())
+@pytest.mark.parametrize("name", PAIRED)
 def test_registry_wide_properties(name):
     """Shape, detached rewards, gradient to policy only, finite at extremes and at zero length."""
     spec = get_loss(name)
@@ -193,14 +204,14 @@ def test_registry_wide_properties(name):
         assert extreme[key].grad is None or torch.isfinite(extreme[key].grad).all(), key
 
 
-@pytest.mark.parametrize("name", [n for n in list_losses() if not get_loss(n).requires_reference])
+@pytest.mark.parametrize("name", [n for n in PAIRED if not get_loss(n).requires_reference])
 def test_reference_free_losses_accept_no_reference(name):
     spec = get_loss(name)
     out = spec(to_batch(make_inputs(4, torch.float32), with_reference=False), **spec.defaults)
     assert torch.isfinite(out.losses).all()
 
 
-@pytest.mark.parametrize("name", [n for n in list_losses() if get_loss(n).requires_reference])
+@pytest.mark.parametrize("name", [n for n in PAIRED if get_loss(n).requires_reference])
 def test_reference_losses_say_so_without_reference(name):
     spec = get_loss(name)
     with pytest.raises(ValueError, match="needs reference log-probs"):
@@ -244,3 +255,61 @@ def test_worked_example_from_the_brief():
 
     assert weight(100.0) == pytest.approx(0.000, abs=5e-4)
     assert weight(-50.0) == pytest.approx(0.993, abs=5e-4)
+
+
+# -- unpaired losses (KTO-style rows): an independent per-row formula, written from the papers -------------------
+def _kto_row(delta, good, z0, beta, desirable_weight, undesirable_weight):
+    """KTO Eq. 7/8 for one row: v = λD·σ(β(r − z0)) if desirable, λU·σ(β(z0 − r)) if not; loss = λ − v."""
+    sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    if good:
+        return desirable_weight - desirable_weight * sig(beta * (delta - z0))
+    return undesirable_weight - undesirable_weight * sig(beta * (z0 - delta))
+
+
+def _apo_row(delta, good, z0, beta, desirable_weight, undesirable_weight):
+    sig = 1 / (1 + math.exp(-beta * delta))
+    return desirable_weight * (1 - sig) if good else undesirable_weight * sig
+
+
+REFERENCE_UNPAIRED = {"kto": _kto_row, "apo_zero_unpaired": _apo_row}
+
+
+def unpaired_batch(seed=0, kl=0.3, n=6):
+    g = torch.Generator().manual_seed(seed)
+    logps = (-20 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(True)
+    ref = (-20 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(True)
+    labels = torch.tensor([True, False, True, True, False, False][:n])
+    return UnpairedBatch(logps=logps, ref_logps=ref, lengths=torch.arange(1, n + 1), labels=labels,
+                         kl=torch.tensor(kl, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kl", [0.3, -0.2], ids=["kl", "negative-kl-clamped"])
+@pytest.mark.parametrize("name", sorted(REFERENCE_UNPAIRED))
+def test_unpaired_losses_match_the_row_formula(name, kl):
+    params = {"beta": 0.5, "desirable_weight": 1.3, "undesirable_weight": 0.7}
+    batch = unpaired_batch(kl=kl)
+    out = get_loss(name)(batch, **params)
+    assert isinstance(out, UnpairedLossOutput) and get_loss(name).data == "unpaired"
+    z0 = max(kl, 0.0)  # KTO clamps the baseline at 0
+    expected = [REFERENCE_UNPAIRED[name]((lp - rp).item(), good.item(), z0, **params)
+                for lp, rp, good in zip(batch.logps, batch.ref_logps, batch.labels)]
+    torch.testing.assert_close(out.losses, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(out.rewards, 0.5 * (batch.logps - batch.ref_logps).detach())
+    assert not out.rewards.requires_grad
+    out.losses.sum().backward()
+    assert batch.logps.grad.abs().sum() > 0
+    assert batch.ref_logps.grad is None, "gradient reached the reference"
+    if name == "kto":
+        assert out.metrics["kl"].item() == pytest.approx(z0)
+
+
+def test_kto_needs_its_kl_baseline_and_a_reference():
+    batch = unpaired_batch()
+    with pytest.raises(ValueError, match="KL baseline"):
+        get_loss("kto")(UnpairedBatch(logps=batch.logps, ref_logps=batch.ref_logps, lengths=batch.lengths,
+                                      labels=batch.labels), beta=0.1)
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        get_loss("apo_zero_unpaired")(UnpairedBatch(logps=batch.logps, lengths=batch.lengths, labels=batch.labels),
+                                      beta=0.1)
+    with pytest.raises(TypeError, match="labels must be a bool tensor"):
+        UnpairedBatch(logps=batch.logps, lengths=batch.lengths, labels=batch.labels.long())

@@ -37,4 +37,4 @@ def test_sdist_and_wheel_install_in_a_clean_venv_and_list_the_losses(tmp_path):
     listed = subprocess.run([str(tmp_path / "env" / "bin" / "trl-dpo-plus"), "losses"], capture_output=True,
                             text=True, timeout=60, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr[-2000:]
-    assert "sigmoid" in listed.stdout and "simpo" in listed.stdout and len(listed.stdout.splitlines()) == 25
+    assert "sigmoid" in listed.stdout and "simpo" in listed.stdout and len(listed.stdout.splitlines()) == 27

@@ -6,10 +6,11 @@ If one of these fails after a TRL upgrade: read the new upstream method, port it
 
 import hashlib
 import inspect
+import re
 
 import pytest
 import trl
-from trl.trainer import dpo_trainer
+from trl.trainer import dpo_trainer, kto_trainer
 
 # sha256 (first 16 hex digits) of `inspect.getsource` of each method, TRL 1.16.0
 PINNED = {
@@ -18,7 +19,10 @@ PINNED = {
     "log": "e80e122cfe5fd8ad",  # extended by DPOPlusTrainer.log
     "_precompute_ref_logps": "f2c098c7da6ca701",  # extended: collates precompute batches in the chosen layout
     "_prepare_dataset": "35e349e8e8266df4",  # extended: a clear error when max_length drops every pair
+    "_set_signature_columns_if_needed": "71225a628baed4cb",  # extended: keeps the unpaired rows' columns
 }
+# TRL's KTO data preparation, which DPOPlusTrainer runs on itself for unpaired rows (`_prepare_unpaired`)
+KTO_PREPARE_PIN = "d22cf45470e637d6"
 # The fused LM head the shared-prefix layout calls with a 4D mask, position_ids and labels
 FUSED_HEAD_PIN = "422d009f04b66659"
 
@@ -30,6 +34,21 @@ def test_overridden_trl_methods_are_unchanged(method):
     assert digest == PINNED[method], (
         f"trl {trl.__version__} changed DPOTrainer.{method} (hash {digest}, pinned {PINNED[method]}). "
         "DPOPlusTrainer mirrors it: port the upstream change, run the parity tests, then update PINNED."
+    )
+
+
+def test_kto_preparation_is_unchanged_and_reads_what_the_trainer_sets():
+    """`_prepare_unpaired` calls TRL's `KTOTrainer._prepare_dataset` with a DPOPlusTrainer as `self`: it must read only
+    the attributes the trainer sets (`_tokenizer`, `calculate_KL`, `desirable_weight`, `undesirable_weight`) and
+    name its KL column `KL_completion_ids`."""
+    source = inspect.getsource(kto_trainer.KTOTrainer._prepare_dataset)
+    assert set(re.findall(r"self\.(\w+)", source)) == {"_tokenizer", "calculate_KL", "desirable_weight",
+                                                        "undesirable_weight"}
+    assert 'examples["KL_completion_ids"]' in source
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == KTO_PREPARE_PIN, (
+        f"trl {trl.__version__} changed KTOTrainer._prepare_dataset (hash {digest}): check what it reads from the "
+        "trainer and the columns it writes, run tests/test_kto.py, update the pin."
     )
 
 

@@ -3,7 +3,7 @@
     trl-dpo-plus train --model_name_or_path Qwen/Qwen3-0.6B --dataset_name pairs.jsonl --loss_type simpo --qlora
     trl-dpo-plus train --config recipe.yaml                       (TRL's YAML recipes, `datasets:` mixtures included)
     trl-dpo-plus train --config recipe.yaml --accelerate_config zero3 --num_processes 8   (through accelerate launch)
-    trl-dpo-plus losses                      the registry: names, reference-free, defaults, papers
+    trl-dpo-plus losses                      the registry: names, data kind, reference-free, defaults, papers
     trl-dpo-plus demo [--losses sigmoid simpo ...]
     trl-dpo-plus run my_trl_dpo_script.py --loss_type simpo ...   an unchanged TRL script with our trainer
 """
@@ -154,7 +154,9 @@ def load_datasets(parser, script_args, training_args, dataset_args):
             parser.error(f"{name} has no split {split!r}; it has {list(dataset)}. Set {fix}")
     try:
         for split, _ in needed:
-            dataset[split] = check_preference_dataset(dataset[split], name=split)
+            dataset[split] = check_preference_dataset(
+                dataset[split], name=split, kind=training_args.data_kind, losses=list(training_args.loss_type),
+                unpair=training_args.unpair, seed=training_args.seed)
     except (ValueError, TypeError) as err:
         parser.error(f"{name}: {err}")
     return dataset
@@ -244,10 +246,10 @@ def losses(argv: list[str]) -> int:
     from .losses import get_loss, list_losses
 
     argparse.ArgumentParser(prog="trl-dpo-plus losses", description="List the registered losses.").parse_args(argv)
-    header = ("loss", "reference-free", "defaults", "paper")
-    rows = [(n, "no" if get_loss(n).requires_reference else "yes",
+    header = ("loss", "data", "reference-free", "defaults", "paper")
+    rows = [(n, get_loss(n).data, "no" if get_loss(n).requires_reference else "yes",
              ", ".join(f"{k}={v}" for k, v in get_loss(n).defaults.items()), get_loss(n).paper or "") for n in list_losses()]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0

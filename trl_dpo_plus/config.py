@@ -94,6 +94,10 @@ class DPOPlusConfig(DPOConfig):
         desirable_weight, undesirable_weight (`float`, *optional*, default to `1.0`):
             λD and λU of the unpaired losses (`kto`, `apo_zero_unpaired`), as in TRL's `KTOConfig`: the losses of
             desirable / undesirable completions are weighted by them, to balance unequal counts.
+        unpair (`bool`, *optional*, defaults to `False`):
+            For the unpaired losses: turn paired datasets (prompt, chosen, rejected) into unpaired rows at preparation,
+            each chosen completion desirable and each rejected one undesirable (`trl_dpo_plus.unpair_preference_dataset`,
+            shuffled with `seed`), so `kto` trains on the same data as `kto_pair`.
         train_sampling_strategy (`str` or `None`, *optional*, defaults to `None`):
             Transformers' sampler choice; `None` means `"sequential"` for `kto` (its KL completions are each row's
             neighbour in a fixed-order batch, as in TRL's `KTOConfig`) and `"random"` otherwise.
@@ -184,6 +188,11 @@ class DPOPlusConfig(DPOConfig):
     undesirable_weight: float = field(
         default=1.0,
         metadata={"help": "λU of the unpaired losses (kto, apo_zero_unpaired): weight of undesirable completions' losses."},
+    )
+    unpair: bool = field(
+        default=False,
+        metadata={"help": "For kto/apo_zero_unpaired: turn paired datasets into unpaired rows (chosen → desirable, "
+                  "rejected → undesirable), shuffled with the seed."},
     )
     train_sampling_strategy: str | None = field(
         default=None,
@@ -323,6 +332,9 @@ class DPOPlusConfig(DPOConfig):
         if self.train_sampling_strategy is None:
             self.train_sampling_strategy = "sequential" if kl_losses else "random"
         if kinds != {"unpaired"}:
+            if self.unpair:
+                raise ValueError(f"unpair=True makes unpaired rows, but loss_type={self.loss_type} trains on pairs: use an "
+                                 "unpaired loss ('kto', 'apo_zero_unpaired'), or drop unpair")
             return
         if self.ld_alpha is not None or self.use_weighting:
             option = "ld_alpha" if self.ld_alpha is not None else "use_weighting"

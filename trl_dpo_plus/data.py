@@ -114,14 +114,15 @@ def _kind_mismatch(name: str, found: str, losses: list[str] | None) -> str:
 
 
 def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: bool = False, kind: str = "paired",
-                             losses: list[str] | None = None):
+                             losses: list[str] | None = None, unpair: bool = False, seed: int = 0):
     """Validate a preference dataset of the given `kind`; count (and optionally drop) degenerate rows.
 
     `kind="paired"`: prompt/chosen/rejected rows; empty or identical pairs are degenerate. `kind="unpaired"`:
     prompt/completion/label rows (KTO-style thumbs up/down); an empty completion is degenerate. Raises on an empty
     dataset, data of the other kind (naming the conversion), a missing column (naming the columns the dataset has),
     non-string fields, non-bool labels, malformed messages and mixed formats (naming the row). A
-    `datasets.IterableDataset` is checked row by row as it streams.
+    `datasets.IterableDataset` is checked row by row as it streams. With `unpair=True`, paired data given for
+    `kind="unpaired"` is first turned into unpaired rows (`unpair_preference_dataset` with `seed`).
     """
     if isinstance(dataset, IterableDataset):
         try:
@@ -135,6 +136,11 @@ def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: b
     else:
         return dataset  # dicts of datasets are checked one by one by the caller
     found = data_kind_of(columns)
+    if unpair and kind == "unpaired" and found == "paired":
+        dataset = unpair_preference_dataset(dataset, seed=seed)
+        logger.info("%s dataset: each pair turned into a desirable (chosen) and an undesirable (rejected) row", name)
+        columns = dataset.column_names if isinstance(dataset, Dataset) else list(next(iter(dataset)).keys())
+        found = "unpaired"
     if found is not None and found != kind:
         raise ValueError(_kind_mismatch(name, found, losses))
     missing = [c for c in REQUIRED[kind] if c not in columns]

@@ -3,7 +3,9 @@
 1. Sample story continuations from the embedded stories260K model (a real TinyStories Llama).
 2. Score them with a transparent rule standing in for a human: a happy-words lexicon (+1 per happy word, −1 per
    sad word; the word lists are printed).
-3. Build chosen/rejected pairs per prompt (best vs worst, second best vs second worst).
+3. Build chosen/rejected pairs per prompt (best vs worst, second best vs second worst) for the paired losses, and,
+   for the unpaired `kto`, label single completions by the same rule (thumbs up if it scores above 0, down below 0;
+   no pairing), as many as the pairs hold.
 4. Train one copy of the model per loss with `trl_dpo_plus.DPOTrainer`.
 5. Sample fresh completions on held-out prompts and report, per loss: rule reward before → after, win-rate against
    the base model (ties count ½), a Monte-Carlo KL(π‖π_base) in nats per completion, and the time taken.
@@ -120,6 +122,26 @@ def build_pairs(prompts: list[str], samples: list[list[str]], pairs_per_prompt: 
     return Dataset.from_list(rows)
 
 
+def build_unpaired(prompts: list[str], samples: list[list[str]], rows: int, seed: int) -> Dataset:
+    """Single completions labelled by the rule alone: desirable when it scores > 0, undesirable when < 0 (a neutral
+    one gets no thumb). `rows` of them, shuffled, so that batches mix prompts and labels (KTO's KL baseline pairs
+    each row with its neighbour's completion)."""
+    labelled = [{"prompt": p, "completion": c, "label": lexicon_reward(c) > 0}
+                for p, completions in zip(prompts, samples) for c in completions if lexicon_reward(c) != 0]
+    random.Random(seed).shuffle(labelled)
+    return Dataset.from_list(labelled[:rows])
+
+
+def balance_weights(labels: list[bool]) -> dict[str, float]:
+    """λD, λU with λD·nD / (λU·nU) = 1, the lower end of the KTO paper's recommended [1, 4/3]; the smaller side is
+    up-weighted."""
+    desirable = max(sum(labels), 1)
+    undesirable = max(len(labels) - sum(labels), 1)
+    if desirable < undesirable:
+        return {"desirable_weight": round(undesirable / desirable, 3), "undesirable_weight": 1.0}
+    return {"desirable_weight": 1.0, "undesirable_weight": round(desirable / undesirable, 3)}
+
+
 @dataclass
 class Result:
     loss: str
@@ -201,7 +223,8 @@ def mean_reward(samples: list[list[str]]) -> float:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(prog="trl-dpo-plus demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--losses", nargs="+", default=["sigmoid", "ipo", "simpo", "kto_pair"])
+    parser.add_argument("--losses", nargs="+", default=["sigmoid", "ipo", "simpo", "kto_pair", "kto"],
+                        help="paired losses train on the pairs, unpaired ones (kto) on single labelled completions")
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--train_prompts", type=int, default=96)
     parser.add_argument("--eval_prompts", type=int, default=24)
@@ -246,7 +269,7 @@ def _quiet():
 
 
 def _run(args) -> list[Result]:
-    from . import DPOConfig, DPOTrainer
+    from . import DPOConfig, DPOTrainer, get_loss
 
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     out_dir = Path(args.output_dir)
@@ -268,19 +291,28 @@ def _run(args) -> list[Result]:
     print(f"Sampled {sum(map(len, train_samples))} training completions → {len(pairs)} pairs "
           f"({time.time() - t0:.1f}s). Held-out: {len(eval_prompts)} prompts × {args.samples_per_prompt} samples.")
     pairs.to_json(out_dir / "pairs.jsonl")
+    unpaired = build_unpaired(train_prompts, train_samples, rows=2 * len(pairs), seed=args.seed)
+    weights = balance_weights(unpaired["label"])
+    (out_dir / "unpaired.jsonl").unlink(missing_ok=True)
+    if any(get_loss(loss).data == "unpaired" for loss in args.losses):
+        print(f"Unpaired (kto): {len(unpaired)} single completions labelled by the rule, {sum(unpaired['label'])} "
+              f"desirable / {len(unpaired) - sum(unpaired['label'])} undesirable; weights {weights}.")
+        unpaired.to_json(out_dir / "unpaired.jsonl")
 
     lora = not args.full_finetune
     learning_rate = args.learning_rate or (3e-4 if lora else 1e-4)
     results, examples = [], {}
     for loss in tqdm(args.losses, desc="losses", unit="loss"):
         t1 = time.time()
+        is_unpaired = get_loss(loss).data == "unpaired"
         config = DPOConfig(
             output_dir=str(out_dir / loss), loss_type=loss, num_train_epochs=args.epochs, learning_rate=learning_rate,
             per_device_train_batch_size=16, lr_scheduler_type="constant", warmup_steps=0, logging_steps=3,
             gradient_checkpointing=False, save_strategy="no", report_to=[], seed=args.seed,
-            max_length=128, lora=lora,
+            max_length=128, lora=lora, **(weights if is_unpaired else {}),
         )
-        trainer = DPOTrainer(model_path, args=config, train_dataset=pairs, processing_class=tokenizer)
+        trainer = DPOTrainer(model_path, args=config, train_dataset=unpaired if is_unpaired else pairs,
+                             processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_StepBar(loss))
@@ -296,7 +328,8 @@ def _run(args) -> list[Result]:
         logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
         seconds = time.time() - t1
         trainer.save_model()  # the model (or adapter) with its model card, next to diagnostics.json/.png
-        trainer.create_model_card(dataset_name="trl-dpo-plus demo pairs (stories260K samples, happy-words rule)")
+        trainer.create_model_card(dataset_name="trl-dpo-plus demo " + ("labelled completions" if is_unpaired else "pairs")
+                                  + " (stories260K samples, happy-words rule)")
         report = json.loads((out_dir / loss / "diagnostics.json").read_text())
         results.append(Result(
             loss=loss, reward_before=mean_reward(before), reward_after=mean_reward(after), win_rate=wr, ties=ties,
@@ -320,7 +353,8 @@ def _run(args) -> list[Result]:
         print(f"  {loss:<8} ({lexicon_reward(text):+d}): {text.strip()[:150]!r}")
     (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     plot = plot_results(results, out_dir / "demo.png")
-    print(f"\nWritten to {out_dir}/: results.json{', demo.png' if plot else ''}, pairs.jsonl, and per loss the "
+    data_files = "pairs.jsonl" + (", unpaired.jsonl" if (out_dir / "unpaired.jsonl").exists() else "")
+    print(f"\nWritten to {out_dir}/: results.json{', demo.png' if plot else ''}, {data_files}, and per loss the "
           f"trained {'adapter' if lora else 'model'} with its README.md model card and diagnostics.json/.png. "
           f"Total {time.time() - t0:.0f}s.")
     return results

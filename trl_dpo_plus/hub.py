@@ -47,6 +47,19 @@ def reference_mode(trainer) -> str:
     return "initial model"
 
 
+def data_description(trainer) -> str:
+    """The kind of data trained on, in words: pairs, or unpaired completions with their label counts and KL setup."""
+    if trainer.data_kind == "paired":
+        return "preference pairs (prompt, chosen, rejected)"
+    text = "unpaired completions (prompt, completion, label)"
+    if trainer.label_counts:
+        text += f": {trainer.label_counts['desirable']} desirable, {trainer.label_counts['undesirable']} undesirable"
+    if trainer.calculate_KL:
+        text += (f"; KL baseline from each row's neighbour's completion within batches of "
+                 f"{trainer.args.per_device_train_batch_size}, averaged over {trainer.args.world_size} process(es)")
+    return text
+
+
 def _quantization(model) -> dict | None:
     config = getattr(model.config, "quantization_config", None)
     if config is None:
@@ -161,6 +174,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "final reward margin": round(final["rewards/margins"], 4) if final else None,
         "final loss": round(final["loss"], 4) if final and "loss" in final else None,
     }
+    training = {"data": data_description(trainer), **training}
     diagnostics = None
     report_path = Path(args.output_dir) / "diagnostics.json"
     if report_path.exists():
@@ -181,6 +195,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "loss_type": loss_names, "loss_weights": list(trainer.loss_weights),
         "loss_kwargs": {loss["name"]: loss["kwargs"] for loss in losses},
         "reference": reference_mode(trainer), "quantization": _quantization(model), "lora": _lora(model),
+        "data": trainer.data_kind, "label_counts": trainer.label_counts,
         "pair_layout": trainer.layout.name, "truncation_mode": args.truncation_mode,
         "pairs": trainer.truncation_counts,
         "steps": trainer.state.global_step,

@@ -165,7 +165,8 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         # The datasets are checked on the raw text, before TRL tokenizes them and before any model is loaded
         def check(dataset, name):
             return check_preference_dataset(dataset, name=name, drop_degenerate=args.drop_degenerate_pairs,
-                                            kind=self.data_kind, losses=list(args.loss_type))
+                                            kind=self.data_kind, losses=list(args.loss_type), unpair=args.unpair,
+                                            seed=args.seed)
 
         if kwargs.get("train_dataset") is not None:
             kwargs["train_dataset"] = check(kwargs["train_dataset"], "train")

@@ -17,9 +17,9 @@ from .callbacks import PREFIX, REMEDIES
 
 logger = logging.getLogger(__name__)
 
-SERIES = {
-    "chosen_logratio": ("dpo_plus/chosen_logratio_per_token",),
-    "rejected_logratio": ("dpo_plus/rejected_logratio_per_token",),
+SERIES = {  # for unpaired (KTO) runs, "chosen"/"rejected" are the desirable/undesirable completions
+    "chosen_logratio": ("dpo_plus/chosen_logratio_per_token", "dpo_plus/desirable_logratio_per_token"),
+    "rejected_logratio": ("dpo_plus/rejected_logratio_per_token", "dpo_plus/undesirable_logratio_per_token"),
     "margin_mean": (f"{PREFIX}/margin/mean", "rewards/margins"),
     "margin_p10": (f"{PREFIX}/margin/p10",),
     "margin_p50": (f"{PREFIX}/margin/p50",),
@@ -60,7 +60,9 @@ def _flags(log_history: list[dict], mode: str) -> list[dict]:
 
 
 def build_report(log_history: list[dict]) -> dict:
-    report = {"remedies": REMEDIES}
+    unpaired = any(k.startswith("dpo_plus/desirable_") or k.startswith("dpo_plus/undesirable_")
+                   for h in log_history for k in h)
+    report = {"data": "unpaired" if unpaired else "paired", "remedies": REMEDIES}
     for mode in ("train", "eval"):
         series = _series(log_history, mode)
         if not series:
@@ -105,8 +107,9 @@ def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagn
     ratio, margin, loss, length = fig.subplots(4, 1, sharex=True)
     fig.suptitle(title)
 
-    _line(ratio, series, "chosen_logratio", color="tab:green", label="chosen")
-    _line(ratio, series, "rejected_logratio", color="tab:red", label="rejected")
+    good, bad = ("desirable", "undesirable") if report.get("data") == "unpaired" else ("chosen", "rejected")
+    _line(ratio, series, "chosen_logratio", color="tab:green", label=good)
+    _line(ratio, series, "rejected_logratio", color="tab:red", label=bad)
     ratio.set_ylabel("log π/π_ref\nper token (nats)")
     if "chosen_logratio" not in series:
         ratio.text(0.5, 0.5, "no reference log-ratios (reference-free loss)", ha="center", transform=ratio.transAxes)
@@ -119,7 +122,7 @@ def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagn
     else:
         _line(margin, series, "margin_mean", color="tab:blue", label="mean")
     _eval_points(margin, evaluation, "margin_mean", color="black", label="eval mean")
-    margin.set_ylabel("reward margin")
+    margin.set_ylabel("reward margin" if good == "chosen" else "signed reward\n(+ desirable, − undesirable)")
 
     _line(loss, series, "loss", color="tab:purple", label="train")
     _eval_points(loss, evaluation, "loss", color="black", label="eval")
