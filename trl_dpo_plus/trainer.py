@@ -2,11 +2,13 @@
 
 This module is the only place that touches TRL and Transformers internals. It overrides TRL's private `_compute_loss`
 (TRL hard-codes its losses there), `_precompute_ref_logps` (to collate in the shared-prefix layout) and
-`_prepare_dataset` (a clear error when `max_length` drops every pair), TRL's `compute_ref_log_probs`, and
-Transformers' private `_load_callback_state` (to restore the diagnostics on resume). For reference-free losses it keeps
-TRL's `__init__` from loading a reference model; for the shared-prefix layout it has TRL's fused LM head score only
-labelled positions on every device (TRL does so on Triton devices only). `tests/test_trl_contract.py` pins the upstream
-code all of these rely on and fails loudly when it changes.
+`_prepare_dataset` (a clear error when `max_length` drops every pair; for unpaired rows it runs TRL's own
+`KTOTrainer._prepare_dataset` on this trainer), `_set_signature_columns_if_needed` (to keep the unpaired rows'
+columns), TRL's `compute_ref_log_probs`, and Transformers' private `_load_callback_state` (to restore the
+diagnostics on resume). For reference-free losses it keeps TRL's `__init__` from loading a reference model; for the
+shared-prefix layout it has TRL's fused LM head score only labelled positions on every device (TRL does so on Triton
+devices only). `tests/test_trl_contract.py` pins the upstream code all of these rely on and fails loudly when it
+changes.
 """
 
 from __future__ import annotations
@@ -133,7 +135,10 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
     - pairs are laid out with the prompt computed once, packed without padding, and the LM head run at completion
       tokens only (`pair_layout`, see `trl_dpo_plus.layout`); `layout`, `layout_reason` and `layout_check` say which
       layout runs, why, and how it compared with the padded forward on the first batch;
-    - pairs dropped or truncated by `max_length` are counted per split (`truncation_counts`) and logged.
+    - pairs dropped or truncated by `max_length` are counted per split (`truncation_counts`) and logged;
+    - unpaired thumbs-up/down rows (`prompt`, `completion`, `label`) train with the unpaired losses (`kto`,
+      `apo_zero_unpaired`) exactly as `trl.KTOTrainer` trains them, in the same layouts and with the same
+      diagnostics (`data_kind`, `label_counts`).
     """
 
     _tag_names = ["trl", "dpo", "trl-dpo-plus"]
