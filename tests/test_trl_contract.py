@@ -27,10 +27,14 @@ KTO_PREPARE_PIN = "d22cf45470e637d6"
 FUSED_HEAD_PIN = "422d009f04b66659"
 
 
+def _digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
 @pytest.mark.parametrize("method", sorted(PINNED))
 def test_overridden_trl_methods_are_unchanged(method):
     source = inspect.getsource(getattr(dpo_trainer.DPOTrainer, method))
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    digest = _digest(source)
     assert digest == PINNED[method], (
         f"trl {trl.__version__} changed DPOTrainer.{method} (hash {digest}, pinned {PINNED[method]}). "
         "DPOPlusTrainer mirrors it: port the upstream change, run the parity tests, then update PINNED."
@@ -45,7 +49,7 @@ def test_kto_preparation_is_unchanged_and_reads_what_the_trainer_sets():
     assert set(re.findall(r"self\.(\w+)", source)) == {"_tokenizer", "calculate_KL", "desirable_weight",
                                                         "undesirable_weight"}
     assert 'examples["KL_completion_ids"]' in source
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    digest = _digest(source)
     assert digest == KTO_PREPARE_PIN, (
         f"trl {trl.__version__} changed KTOTrainer._prepare_dataset (hash {digest}): check what it reads from the "
         "trainer and the columns it writes, run tests/test_kto.py, update the pin."
@@ -59,7 +63,7 @@ def test_fused_lm_head_is_unchanged_and_compacts_where_the_trainer_says():
 
     source = inspect.getsource(utils.add_fused_lm_head)
     assert "compact = _use_triton(hidden_states.device)" in source
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    digest = _digest(source)
     assert digest == FUSED_HEAD_PIN, (
         f"trl {trl.__version__} changed add_fused_lm_head (hash {digest}): check the shared-prefix layout's use of it "
         "(labels shifted by one, kwargs passed to the backbone, compaction), run tests/test_layout.py, update the pin."

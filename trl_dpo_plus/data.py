@@ -145,12 +145,11 @@ def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: b
         raise ValueError(_kind_mismatch(name, found, losses))
     missing = [c for c in REQUIRED[kind] if c not in columns]
     if missing:
-        needs = ("'prompt' (optional when chosen/rejected carry it), 'chosen' and 'rejected'" if kind == "paired"
-                 else "'prompt', 'completion' and 'label' (True for a desirable completion)")
-        raise ValueError(
-            f"The {name} dataset has no {' or '.join(repr(c) for c in missing)} column. A {'preference' if kind == 'paired' else 'unpaired'} "
-            f"dataset needs {needs}; this one has {columns}."
-        )
+        needs = ("A preference dataset needs 'prompt' (optional when chosen/rejected carry it), 'chosen' and "
+                 "'rejected'" if kind == "paired" else
+                 "An unpaired dataset needs 'prompt', 'completion' and 'label' (True for a desirable completion)")
+        raise ValueError(f"The {name} dataset has no {' or '.join(repr(c) for c in missing)} column. {needs}; this one "
+                         f"has {columns}.")
     if isinstance(dataset, IterableDataset):
         return _check_streamed(dataset, name)
 

@@ -1,9 +1,13 @@
-"""Small pieces the losses share: log-ratios, f-divergence scores, per-token means, the SFT term."""
+"""Small pieces the losses share: log-ratios, f-divergence scores, per-token means, the SFT term, and the unpaired
+losses' log-ratio and label weights."""
 
 from __future__ import annotations
 
 from .._lazy import torch
-from ._types import PreferenceBatch
+from ._types import PreferenceBatch, UnpairedBatch
+
+# The unpaired losses' hyperparameters (TRL's KTOConfig names): β and the desirable / undesirable weights λD, λU
+UNPAIRED_RANGES = {"beta": "(0, inf)", "desirable_weight": "(0, inf)", "undesirable_weight": "(0, inf)"}
 
 
 def logratios(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,3 +54,16 @@ def mean_logp_rewards(batch: PreferenceBatch, beta: float) -> tuple[torch.Tensor
         beta * per_token(batch.chosen_logps, batch.chosen_lengths).detach(),
         beta * per_token(batch.rejected_logps, batch.rejected_lengths).detach(),
     )
+
+
+def unpaired_logratios(batch: UnpairedBatch) -> torch.Tensor:
+    """`Δ = log π(y|x) − log π_ref(y|x)` per completion; the reference side is detached."""
+    if not batch.has_reference:
+        raise ValueError("This loss needs reference log-probs, but the batch has ref_logps=None")
+    return batch.logps - batch.ref_logps.detach()
+
+
+def label_weighted(losses_desirable: torch.Tensor, losses_undesirable: torch.Tensor, labels: torch.Tensor,
+                   desirable_weight: float, undesirable_weight: float) -> torch.Tensor:
+    """Per completion: `λD·loss` where the label is desirable, `λU·loss` where it is not."""
+    return torch.where(labels, desirable_weight * losses_desirable, undesirable_weight * losses_undesirable)

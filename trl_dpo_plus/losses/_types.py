@@ -11,6 +11,17 @@ if TYPE_CHECKING:
     import torch
 
 
+def _check_shapes(batch, first: str, others: tuple[str, ...]) -> None:
+    """Every named field of `batch` that is set has the `(B,)` shape of its field `first`."""
+    kind, size = type(batch).__name__, getattr(batch, first).shape
+    if len(size) != 1:
+        raise ValueError(f"{kind} fields must have shape (B,), got {first} of shape {tuple(size)}")
+    for name in others:
+        value = getattr(batch, name)
+        if value is not None and value.shape != size:
+            raise ValueError(f"{kind}.{name} has shape {tuple(value.shape)}, expected {tuple(size)}")
+
+
 @dataclass(frozen=True)
 class PreferenceBatch:
     """Per-pair statistics of a batch of B preference pairs (chosen `w`, rejected `l`).
@@ -50,14 +61,8 @@ class PreferenceBatch:
     chosen_tokens: torch.Tensor | None = None
 
     def __post_init__(self):
-        size = self.chosen_logps.shape
-        if len(size) != 1:
-            raise ValueError(f"PreferenceBatch fields must have shape (B,), got chosen_logps of shape {tuple(size)}")
-        for name in ("rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
-                     "ref_rejected_logps", "chosen_nll", "chosen_scores", "rejected_scores"):
-            value = getattr(self, name)
-            if value is not None and value.shape != size:
-                raise ValueError(f"PreferenceBatch.{name} has shape {tuple(value.shape)}, expected {tuple(size)}")
+        _check_shapes(self, "chosen_logps", ("rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
+                                             "ref_rejected_logps", "chosen_nll", "chosen_scores", "rejected_scores"))
         if (self.ref_chosen_logps is None) != (self.ref_rejected_logps is None):
             raise ValueError("PreferenceBatch needs both ref_chosen_logps and ref_rejected_logps, or neither")
 
@@ -86,13 +91,7 @@ class UnpairedBatch:
     kl: torch.Tensor | None = None
 
     def __post_init__(self):
-        size = self.logps.shape
-        if len(size) != 1:
-            raise ValueError(f"UnpairedBatch fields must have shape (B,), got logps of shape {tuple(size)}")
-        for name in ("lengths", "labels", "ref_logps"):
-            value = getattr(self, name)
-            if value is not None and value.shape != size:
-                raise ValueError(f"UnpairedBatch.{name} has shape {tuple(value.shape)}, expected {tuple(size)}")
+        _check_shapes(self, "logps", ("lengths", "labels", "ref_logps"))
         if self.labels.dtype != _torch.bool:
             raise TypeError(f"UnpairedBatch.labels must be a bool tensor, got {self.labels.dtype}")
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from .._lazy import torch
-from ._common import dpo_rewards, logratios
+from ._common import UNPAIRED_RANGES, dpo_rewards, label_weighted, logratios, unpaired_logratios
 from ._types import LossOutput, PreferenceBatch, UnpairedBatch, UnpairedLossOutput
-from .kto import unpaired_logratios, weighted
 from .registry import register_loss
 
 
@@ -40,7 +39,7 @@ def apo_down(batch: PreferenceBatch, *, beta: float = 0.1) -> LossOutput:
     requires_reference=True,
     per_pair=False,
     paper="https://arxiv.org/abs/2408.06266",
-    ranges={"beta": "(0, inf)", "desirable_weight": "(0, inf)", "undesirable_weight": "(0, inf)"},
+    ranges=UNPAIRED_RANGES,
     data="unpaired",
 )
 def apo_zero_unpaired(batch: UnpairedBatch, *, beta: float = 0.1, desirable_weight: float = 1.0,
@@ -55,6 +54,6 @@ def apo_zero_unpaired(batch: UnpairedBatch, *, beta: float = 0.1, desirable_weig
     (any sampling order works, and a batch of one).
     """
     delta = unpaired_logratios(batch)
-    losses = weighted(1 - torch.sigmoid(beta * delta), torch.sigmoid(beta * delta), batch.labels,
+    losses = label_weighted(1 - torch.sigmoid(beta * delta), torch.sigmoid(beta * delta), batch.labels,
                       desirable_weight, undesirable_weight)
     return UnpairedLossOutput(losses, beta * delta.detach())

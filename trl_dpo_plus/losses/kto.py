@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 from .._lazy import torch
-from ._common import dpo_rewards, logratios
+from ._common import UNPAIRED_RANGES, dpo_rewards, label_weighted, logratios, unpaired_logratios
 from ._types import LossOutput, PreferenceBatch, UnpairedBatch, UnpairedLossOutput
 from .registry import register_loss
-
-
-def unpaired_logratios(batch: UnpairedBatch) -> torch.Tensor:
-    """`Δ = log π(y|x) − log π_ref(y|x)` per completion; the reference side is detached."""
-    if not batch.has_reference:
-        raise ValueError("This loss needs reference log-probs, but the batch has ref_logps=None")
-    return batch.logps - batch.ref_logps.detach()
-
-
-def weighted(losses_desirable: torch.Tensor, losses_undesirable: torch.Tensor, labels: torch.Tensor,
-             desirable_weight: float, undesirable_weight: float) -> torch.Tensor:
-    """Per completion: `λD·loss` where the label is desirable, `λU·loss` where it is not."""
-    return torch.where(labels, desirable_weight * losses_desirable, undesirable_weight * losses_undesirable)
 
 
 @register_loss(
@@ -27,7 +14,7 @@ def weighted(losses_desirable: torch.Tensor, losses_undesirable: torch.Tensor, l
     requires_kl=True,
     per_pair=False,
     paper="https://arxiv.org/abs/2402.01306",
-    ranges={"beta": "(0, inf)", "desirable_weight": "(0, inf)", "undesirable_weight": "(0, inf)"},
+    ranges=UNPAIRED_RANGES,
     data="unpaired",
 )
 def kto(batch: UnpairedBatch, *, beta: float = 0.1, desirable_weight: float = 1.0,
@@ -46,7 +33,7 @@ def kto(batch: UnpairedBatch, *, beta: float = 0.1, desirable_weight: float = 1.
         raise ValueError("kto needs the batch's KL baseline (UnpairedBatch.kl), estimated from mismatched completions")
     delta = unpaired_logratios(batch)
     z0 = batch.kl.detach().clamp(min=0)
-    losses = weighted(1 - torch.sigmoid(beta * (delta - z0)), 1 - torch.sigmoid(beta * (z0 - delta)), batch.labels,
+    losses = label_weighted(1 - torch.sigmoid(beta * (delta - z0)), 1 - torch.sigmoid(beta * (z0 - delta)), batch.labels,
                       desirable_weight, undesirable_weight)
     return UnpairedLossOutput(losses, beta * delta.detach(), metrics={"kl": z0})
 
