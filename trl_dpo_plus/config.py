@@ -88,6 +88,12 @@ class DPOPlusConfig(DPOConfig):
             exact parity with `trl.DPOTrainer`. `"auto"`: `"shared_prefix"` where it is exact (sdpa or eager
             attention, no active sliding window, no MoE aux loss, no prompt-learning PEFT; checked against the padded
             forward on the first batch), else `"padded"` with one log line saying why.
+        reference_cache_dir (`str` or `None`, *optional*, defaults to `None`):
+            Folder where each split's reference log-probs are written once, keyed by a fingerprint of the reference
+            weights, tokenizer, prepared token ids, truncation settings and layout (`trl_dpo_plus.reference_cache`).
+            A later run (another loss, `trl-dpo-plus compare`, a resumed sweep) with the same fingerprint reads them
+            back and runs no reference forward; a changed input is recomputed with one log line. Implies
+            `precompute_ref_log_probs=True`.
         packing_length (`int` or `None`, *optional*, defaults to `None`):
             Token budget of one packed row in the shared-prefix layout (a longer pair gets a row of its own); `None`
             means `max_length` (1024 when that is `None`), 0 puts one pair per row.
@@ -200,6 +206,13 @@ class DPOPlusConfig(DPOConfig):
                   "'sequential' for kto (its KL completions are neighbours in a fixed-order batch), else 'random'.",
                   "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
     )
+    reference_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder for reference log-probs computed once and reused: each split's are written there keyed "
+                  "by a fingerprint of the reference weights, tokenizer, prepared data, truncation settings and layout, "
+                  "and read back by any later run with the same fingerprint (no reference forward). Implies "
+                  "precompute_ref_log_probs=True."},
+    )
     packing_length: int | None = field(
         default=None,
         metadata={"help": "Token budget of one packed row in the shared-prefix layout; default max_length (1024 when "
@@ -310,6 +323,11 @@ class DPOPlusConfig(DPOConfig):
                              "batch, so per-pair weights would not line up. Drop one of the two.")
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("`exo_pair` needs label_smoothing > 0 (the EXO paper recommends 1e-3): set label_smoothing=1e-3")
+        if self.reference_cache_dir is not None and any(s.requires_reference for s in specs):
+            if not self.precompute_ref_log_probs:
+                logger.info("reference_cache_dir is set: precompute_ref_log_probs=True (the cache holds precomputed "
+                            "reference log-probs)")
+            self.precompute_ref_log_probs = True
         if not any(s.requires_reference for s in specs):
             if self.precompute_ref_log_probs:
                 logger.info("Every selected loss is reference-free: nothing to precompute, precompute_ref_log_probs=False")
@@ -330,6 +348,7 @@ class DPOPlusConfig(DPOConfig):
             )
         kl_losses = [s.name for s in specs if s.data == "unpaired" and s.requires_kl]
         if self.train_sampling_strategy is None:
+            self._sampling_by_loss = True  # chosen here, so a copy for another loss (compare) chooses again
             self.train_sampling_strategy = "sequential" if kl_losses else "random"
         if kinds != {"unpaired"}:
             if self.unpair:

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
-from datasets import Dataset
+from accelerate.utils import broadcast_object_list, is_peft_model
+from datasets import Dataset, concatenate_datasets
 from trl import DPOConfig
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import dpo_trainer as _trl_dpo
@@ -59,6 +59,7 @@ from .losses import PreferenceBatch, UnpairedBatch, get_loss
 from .losses._common import per_token
 from .console import install_compact_console
 from .qlora import prepare_adapter_training
+from .reference_cache import Fingerprint, ReferenceCache, token_ids_fingerprint, tokenizer_fingerprint, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         self.layout_reason = "not chosen yet"
         self._layout_installed = False
         self._layout_verified = False
+        self._reference_weights_hash: str | None = None
+        self.reference_forwards = {"batches": 0, "rows": 0}  # reference forwards run by this trainer (see compare)
         self.layout_check: dict | None = None  # the shared-prefix layout's first-batch check against the padded one
         self._user_collator = kwargs.get("data_collator") is not None
         self._has_compute_metrics = kwargs.get("compute_metrics") is not None
@@ -495,13 +498,67 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         return super().compute_ref_log_probs(model, inputs)
 
     def compute_ref_log_probs(self, model, inputs):
-        """Reference log-probs `(chosen, rejected)` of one batch, in whichever layout it was collated."""
+        """Reference log-probs `(chosen, rejected)` of one batch, in whichever layout it was collated (counted in
+        `reference_forwards`)."""
         layout = self.layout if "pair_ids" in inputs else PaddedPairLayout()
-        return layout.reference_logps(self, model, inputs)
+        chosen, rejected = layout.reference_logps(self, model, inputs)
+        self.reference_forwards["batches"] += 1
+        self.reference_forwards["rows"] += chosen.shape[0]
+        return chosen, rejected
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's precompute, collated in this run's layout; with `reference_cache_dir`, read from the cache when the
+        fingerprint matches and written to it otherwise."""
         self._install_layout()  # TRL precomputes inside its __init__: collate as training will
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.args.reference_cache_dir is None or not isinstance(dataset, Dataset):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        cache = ReferenceCache(self.args.reference_cache_dir)
+        fingerprint = self.reference_fingerprint(dataset)
+        cached = cache.load(fingerprint, len(dataset))
+        if cached is not None:
+            logger.info("Reference log-probs of the %s split (%d rows) read from %s: no reference forward", name,
+                        len(dataset), cache.path(fingerprint))
+            columns = Dataset.from_dict({"ref_chosen_logps": cached["chosen"].numpy(),
+                                         "ref_rejected_logps": cached["rejected"].numpy()})
+            return concatenate_datasets([dataset, columns], axis=1)
+        closest = cache.closest(fingerprint, name)
+        logger.info("Computing reference log-probs of the %s split (%d rows) once, cached in %s%s", name, len(dataset),
+                    cache.directory, "" if closest is None else
+                    f" (no cached entry matches; the closest, {closest[0].name}, was computed for another "
+                    f"{', '.join(closest[1])})")
+        prepared = super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.accelerator.is_main_process:
+            values = prepared.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).with_format("torch")[:]
+            cache.save(fingerprint, name, values["ref_chosen_logps"], values["ref_rejected_logps"])
+        self.accelerator.wait_for_everyone()
+        return prepared
+
+    def reference_fingerprint(self, dataset: Dataset) -> Fingerprint:
+        """What a prepared split's reference log-probs depend on (see `trl_dpo_plus.reference_cache`); rank 0's value
+        on every process."""
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError("reference_cache_dir cannot fingerprint a ZeRO-3 model (its weights are sharded across "
+                             "processes). Drop reference_cache_dir; precompute_ref_log_probs still runs the reference "
+                             "once per run.")
+        if self._reference_weights_hash is None:
+            if self.ref_model is not None:
+                reference, keep_adapters = self.accelerator.unwrap_model(self.ref_model), True
+            else:  # the policy itself before training, or a PEFT model's base (its 'ref' adapter when it has one)
+                reference = self.accelerator.unwrap_model(self.model)
+                keep_adapters = not is_peft_model(reference) or "ref" in reference.peft_config
+            self._reference_weights_hash = weights_fingerprint(reference, keep_adapters=keep_adapters)
+        args = self.args
+        precision = f"bf16={args.bf16},fp16={args.fp16},mixed_precision={self.accelerator.mixed_precision}"
+        components = {
+            "reference_weights": self._reference_weights_hash,
+            "tokenizer": tokenizer_fingerprint(self.processing_class),
+            "dataset": token_ids_fingerprint(dataset.select_columns(list(self.token_id_columns)).with_format("arrow")[:]),
+            "truncation": f"max_length={args.max_length},truncation_mode={args.truncation_mode}",
+            "layout": f"{type(self.layout).__name__},{precision}",
+        }
+        shared = [components]
+        broadcast_object_list(shared, from_process=0)
+        return Fingerprint(shared[0])
 
     def _verify_layout(self, model, inputs) -> None:
         """Once, on the first batch: the shared-prefix forward must equal the padded forward of the same pairs.

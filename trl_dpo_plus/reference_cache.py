@@ -1,0 +1,167 @@
+"""Reference log-probs computed once and kept on disk, keyed by what they depend on.
+
+With `precompute_ref_log_probs`, TRL runs the reference model once over a dataset before training. A sweep over k
+losses (or a later run on the same data) pays that pass again each time. `ReferenceCache` writes each split's
+reference log-probs to `<directory>/ref-logps-<fingerprint>.safetensors`, where the fingerprint hashes everything the
+numbers depend on:
+
+- `reference_weights`: the reference model's weights (for a PEFT model, its base without the adapter, which is the
+  reference TRL uses; so every LoRA run on one base shares the entry);
+- `tokenizer`: its vocabulary, special tokens and chat template;
+- `dataset`: the prepared token ids of every row (so also the prompt template and the row order);
+- `truncation`: `max_length` and `truncation_mode`;
+- `layout`: the pair layout and the precision of the forward.
+
+A file whose fingerprint matches is read back and no reference forward runs. A split that was cached under another
+fingerprint is recomputed with one log line naming what changed; a cached entry is never reused for other inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("reference_weights", "tokenizer", "dataset", "truncation", "layout")
+_ADAPTER_KEY_PARTS = ("lora_", ".modules_to_save.", "lora_magnitude_vector")
+
+
+def _sha(*parts: bytes | str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return digest.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.view(torch.int16)
+    elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tensor = tensor.view(torch.uint8)
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def weights_fingerprint(model: torch.nn.Module, keep_adapters: bool = False) -> str:
+    """SHA-256 of a model's weights (names, dtypes, shapes, values).
+
+    For the base of a PEFT model (`keep_adapters=False`), adapter weights are left out and PEFT's wrapper names
+    (`base_layer`, `original_module`) are read as the plain model's, so a LoRA model's reference fingerprint equals its
+    base model's."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not keep_adapters:
+            if any(part in name for part in _ADAPTER_KEY_PARTS):
+                continue
+            name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+        if not torch.is_tensor(tensor) or tensor.device.type == "meta":
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's vocabulary and rules, special tokens and chat template."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's text tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps({"map": getattr(tokenizer, "special_tokens_map", {}), "pad": tokenizer.pad_token_id,
+                          "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}, sort_keys=True, default=str)
+    return _sha(type(tokenizer).__name__, rules, special, str(getattr(tokenizer, "chat_template", None)))
+
+
+def token_ids_fingerprint(table: pa.Table) -> str:
+    """SHA-256 of the token-id columns of a prepared split, row by row (so the row order counts)."""
+    digest = hashlib.sha256(str(table.num_rows).encode())
+    for name in sorted(table.column_names):
+        column = table.column(name).combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.int64()))
+        digest.update(name.encode())
+        digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        digest.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The hashes a cached entry was computed for; `key` names the file."""
+
+    components: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return _sha(json.dumps(self.components, sort_keys=True))[:20]
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        return [name for name in COMPONENTS if self.components.get(name) != other.components.get(name)]
+
+
+class ReferenceCache:
+    """A directory of reference log-probs, one safetensors file per (split, fingerprint)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def path(self, fingerprint: Fingerprint) -> Path:
+        return self.directory / f"ref-logps-{fingerprint.key}.safetensors"
+
+    def entries(self) -> list[tuple[Path, dict]]:
+        """`(path, metadata)` of every entry in the directory."""
+        from safetensors import safe_open
+
+        found = []
+        for path in sorted(self.directory.glob("ref-logps-*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    found.append((path, handle.metadata() or {}))
+            except Exception as err:  # a partial write or another tool's file: never read as a cache hit
+                logger.warning("Ignoring unreadable reference cache file %s (%s)", path, err)
+        return found
+
+    def load(self, fingerprint: Fingerprint, rows: int) -> dict[str, torch.Tensor] | None:
+        """The cached `{"chosen": ..., "rejected": ...}` for exactly this fingerprint, or `None`."""
+        from safetensors.torch import load_file
+
+        path = self.path(fingerprint)
+        if not path.exists():
+            return None
+        tensors = load_file(str(path))
+        if tensors["chosen"].shape[0] != rows:  # the dataset component hashes the rows, so only a corrupt file gets here
+            logger.warning("Reference cache %s holds %d rows, the split has %d: recomputing", path,
+                           tensors["chosen"].shape[0], rows)
+            return None
+        return tensors
+
+    def closest(self, fingerprint: Fingerprint, split: str) -> tuple[Path, list[str]] | None:
+        """The entry cached for a split of the same name, with the components that differ from `fingerprint`."""
+        best = None
+        for path, meta in self.entries():
+            if meta.get("split") != split or "components" not in meta:
+                continue
+            differences = fingerprint.differences(Fingerprint(json.loads(meta["components"])))
+            if best is None or len(differences) < len(best[1]):
+                best = (path, differences)
+        return best
+
+    def save(self, fingerprint: Fingerprint, split: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path:
+        """Write one entry (atomically: a crash leaves no half file under the final name)."""
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(fingerprint)
+        partial = path.with_suffix(f".partial-{os.getpid()}")
+        metadata = {"split": split, "rows": str(chosen.shape[0]), "components": json.dumps(fingerprint.components)}
+        save_file({"chosen": chosen.float().contiguous(), "rejected": rejected.float().contiguous()}, str(partial),
+                  metadata=metadata)
+        os.replace(partial, path)
+        return path
