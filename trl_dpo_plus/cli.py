@@ -3,6 +3,8 @@
     trl-dpo-plus train --model_name_or_path Qwen/Qwen3-0.6B --dataset_name pairs.jsonl --loss_type simpo --qlora
     trl-dpo-plus train --config recipe.yaml                       (TRL's YAML recipes, `datasets:` mixtures included)
     trl-dpo-plus train --config recipe.yaml --accelerate_config zero3 --num_processes 8   (through accelerate launch)
+    trl-dpo-plus compare --model_name_or_path ... --dataset_name pairs.jsonl --test_split_size 0.1 \
+        --loss_type sigmoid ipo:beta=0.5 simpo [--reward_fn my_rewards:score]   one run per loss, one table
     trl-dpo-plus losses                      the registry: names, data kind, reference-free, defaults, papers
     trl-dpo-plus demo [--losses sigmoid simpo ...]
     trl-dpo-plus run my_trl_dpo_script.py --loss_type simpo ...   an unchanged TRL script with our trainer
@@ -11,13 +13,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import os
 import sys
 import warnings
 
-COMMANDS = ("train", "losses", "demo", "run")
+COMMANDS = ("train", "compare", "losses", "demo", "run")
 EMBEDDED_MODEL = "trl-dpo-plus:stories260K"  # not a Hub id (":" is not allowed there), so never mistaken for one
 LAUNCHED_ENV = "TRL_DPO_PLUS_LAUNCHED"  # set for the processes `accelerate launch` starts, so they do not launch again
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
@@ -25,13 +28,13 @@ LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lo
 QLORA_FLAGS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 
 
-def make_train_parser(prog: str = "trl-dpo-plus train"):
+def make_train_parser(prog: str = "trl-dpo-plus train", extra: tuple = ()):
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
     from .config import DPOPlusConfig
     from .losses import list_losses
 
-    parser = TrlParser((ScriptArguments, DPOPlusConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    parser = TrlParser((ScriptArguments, DPOPlusConfig, ModelConfig, DatasetMixtureConfig, *extra), prog=prog)
     for action in parser._actions:  # choices from the registry as it is now (plugins included)
         if action.dest == "loss_type":
             action.choices = list_losses()
@@ -112,7 +115,7 @@ def _without(argv: list[str], remaining: list[str]) -> list[str]:
     return out
 
 
-def load_datasets(parser, script_args, training_args, dataset_args):
+def load_datasets(parser, script_args, training_args, dataset_args, need_eval: bool = False):
     """The `DatasetDict` to train on: a `datasets:` mixture (TRL's `get_dataset`) or `--dataset_name`, with
     `--streaming` and `--test_split_size`; every problem is a parser error before any model is loaded."""
     from datasets import DatasetDict
@@ -146,7 +149,10 @@ def load_datasets(parser, script_args, training_args, dataset_args):
         parser.error(str(err).strip("'\""))
     name = script_args.dataset_name or "the datasets: mixture"
     needed = [(script_args.dataset_train_split, "--dataset_train_split")]  # each split and the fix when it is missing
-    if training_args.eval_strategy != "no":
+    if need_eval:
+        needed.append((script_args.dataset_test_split, "--dataset_test_split, or --test_split_size 0.1 to hold out "
+                       "part of the train split: compare scores every run on held-out pairs"))
+    elif training_args.eval_strategy != "no":
         needed.append((script_args.dataset_test_split, "--dataset_test_split or --test_split_size 0.1 to hold out part "
                        "of the train split, or --eval_strategy no"))
     for split, fix in needed:
@@ -195,19 +201,14 @@ def _peft_and_quantization(script_argv: list[str], training_args, model_args):
     return peft_config, qlora_defaults(**bnb_kwargs)[0]
 
 
-def train(argv: list[str]) -> int:
-    _quiet_console()
-    parser = make_train_parser()
+def _parse(parser, argv: list[str]):
     try:
-        *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True)
+        return parser.parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
     except (ValueError, TypeError, OSError) as err:  # the configs' own checks, a YAML that cannot be read
         parser.error(str(err))
-    script_args, training_args, model_args, dataset_args = parsed
-    launch_args = config_remaining + cli_remaining
-    _check_launch_args(parser, launch_args)
-    if launch_args and not os.environ.get(LAUNCHED_ENV):
-        return _launch(parser, launch_args, _without(argv, cli_remaining))
+
+
+def _resolve_model(parser, model_args, training_args) -> None:
     if model_args.model_name_or_path is None:
         parser.error(f"--model_name_or_path is required: a Hub model id or a local folder. To try trl-dpo-plus on the "
                      f"embedded 260K-parameter toy model, pass --model_name_or_path {EMBEDDED_MODEL} or run "
@@ -216,13 +217,25 @@ def train(argv: list[str]) -> int:
         from .assets import default_model_path
 
         model_args.model_name_or_path = default_model_path()
+    model_init_kwargs = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation,
+                         "dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
+
+
+def train(argv: list[str]) -> int:
+    _quiet_console()
+    parser = make_train_parser()
+    *parsed, config_remaining, cli_remaining = _parse(parser, argv)
+    script_args, training_args, model_args, dataset_args = parsed
+    launch_args = config_remaining + cli_remaining
+    _check_launch_args(parser, launch_args)
+    if launch_args and not os.environ.get(LAUNCHED_ENV):
+        return _launch(parser, launch_args, _without(argv, cli_remaining))
+    _resolve_model(parser, model_args, training_args)
     dataset = load_datasets(parser, script_args, training_args, dataset_args)
 
     from .trainer import DPOPlusTrainer
 
-    model_init_kwargs = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation,
-                         "dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
-    training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
     peft_config, quantization_config = _peft_and_quantization(argv, training_args, model_args)
     dataset_name = script_args.dataset_name or mixture_names(dataset_args)
     trainer = DPOPlusTrainer(
@@ -240,6 +253,98 @@ def train(argv: list[str]) -> int:
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}")
     trainer.end()
     return 0
+
+
+@dataclasses.dataclass
+class CompareArguments:
+    """`trl-dpo-plus compare`'s own options (every `train` option applies to each run)."""
+
+    reward_fn: str | None = dataclasses.field(default=None, metadata={
+        "help": "module:function (or file.py:function) scoring completions, TRL-style: fn(prompts=[...], "
+                "completions=[...]) -> list[float]. Adds win-rate vs the base, mean reward and fluency from samples "
+                "on held-out prompts."})
+    generation_prompts: int = dataclasses.field(default=16, metadata={
+        "help": "With --reward_fn: how many distinct held-out prompts to sample on."})
+    samples_per_prompt: int = dataclasses.field(default=4, metadata={"help": "With --reward_fn: samples per prompt."})
+    max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "With --reward_fn: tokens per sample."})
+    share_reference: bool = dataclasses.field(default=True, metadata={
+        "help": "Compute the reference log-probs once for every run (in --reference_cache_dir, default "
+                "<output_dir>/reference_cache); false gives each run its own pass."})
+
+
+def _take_loss_specs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The `--loss_type` values (each `name` or `name:key=value,...`), and `argv` without them."""
+    specs, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--loss_type" or arg.startswith("--loss_type="):
+            if "=" in arg:
+                specs.append(arg.split("=", 1)[1])
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                specs.append(argv[i])
+                i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    return specs, rest
+
+
+def compare_command(argv: list[str]) -> int:
+    _quiet_console()
+    parser = make_train_parser("trl-dpo-plus compare", extra=(CompareArguments,))
+    from .compare import compare, load_reward_fn, markdown_table, parse_run
+    from .losses import get_loss
+
+    specs, argv = _take_loss_specs(argv)
+    if not specs and "--config" in argv:  # a recipe's `loss_type:` list, one run each
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as file:
+            listed = (yaml.safe_load(file) or {}).get("loss_type") or []
+        specs = [listed] if isinstance(listed, str) else list(listed)
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(["--help"])
+    try:
+        runs = [parse_run(spec) for spec in specs]
+    except (ValueError, KeyError) as err:
+        parser.error(f"--loss_type: {str(err).strip(chr(39))}")
+    if len(runs) < 2:
+        parser.error("compare needs two or more --loss_type values, e.g. --loss_type sigmoid ipo:beta=0.5 simpo "
+                     "(name or name:key=value,...)")
+    paired = next((run.loss for run in runs if get_loss(run.loss).data == "paired"), "sigmoid")
+    given = explicit_options(argv)
+    adapter_flags = [] if {"lora", "qlora", "use_peft"} & given else ["--lora"]  # LoRA unless told otherwise
+    output = [] if "output_dir" in given else ["--output_dir", "comparison"]
+    *parsed, config_remaining, cli_remaining = _parse(parser, [*argv, *adapter_flags, *output, "--loss_type", paired])
+    script_args, training_args, model_args, dataset_args, compare_args = parsed
+    if config_remaining + cli_remaining:
+        _check_launch_args(parser, config_remaining + cli_remaining)
+        parser.error("compare runs its runs one after another in one process; drop the launcher arguments "
+                     f"{config_remaining + cli_remaining} (train the chosen loss with `trl-dpo-plus train` to launch)")
+    _resolve_model(parser, model_args, training_args)
+    reward_fn = None
+    if compare_args.reward_fn:
+        try:
+            reward_fn = load_reward_fn(compare_args.reward_fn)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
+    dataset = load_datasets(parser, script_args, training_args, dataset_args, need_eval=True)
+    peft_config, quantization_config = _peft_and_quantization([*argv, *adapter_flags], training_args, model_args)
+    try:
+        result = compare(
+            model_args.model_name_or_path, dataset[script_args.dataset_train_split],
+            dataset[script_args.dataset_test_split], runs, training_args, peft_config=peft_config,
+            quantization_config=quantization_config, reward_fn=reward_fn,
+            generation_prompts=compare_args.generation_prompts, samples_per_prompt=compare_args.samples_per_prompt,
+            max_new_tokens=compare_args.max_new_tokens, share_reference=compare_args.share_reference,
+            dataset_name=script_args.dataset_name or mixture_names(dataset_args))
+    except ValueError as err:  # bad run settings, found before any run trains
+        parser.error(str(err))
+    print(markdown_table(result))
+    print(f"\nWritten to {training_args.output_dir}/: " + ", ".join(result.files.values())
+          + ", and per run its adapter, model card and diagnostics")
+    return 0 if any(r.status == "ok" for r in result.runs) else 1
 
 
 def losses(argv: list[str]) -> int:
@@ -269,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return train(rest)
     if command == "losses":
         return losses(rest)
+    if command == "compare":
+        return compare_command(rest)
     if command == "demo":
         from .demo import main as demo_main
 

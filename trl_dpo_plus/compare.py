@@ -408,8 +408,8 @@ class StepBar(TrainerCallback):
         self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "rewards/accuracies" in logs:
-            self.bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}", acc=f"{logs['rewards/accuracies']:.2f}")
+        if logs and "rewards/accuracies" in logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['rewards/accuracies']:.2f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
