@@ -21,18 +21,8 @@ def test_pairs_are_best_vs_worst_and_skip_ties():
                      {"prompt": "p1", "chosen": "happy", "rejected": "plain"}]  # p2 ties everywhere: no pair
 
 
-def test_unpaired_rows_are_labelled_by_the_rule_alone():
-    samples = [["happy happy", "sad", "plain"], ["the end", "happy", "cried"]]
-    rows = demo.build_unpaired(["p1", "p2"], samples, rows=10, seed=0).to_list()
-    assert sorted((r["prompt"], r["completion"], r["label"]) for r in rows) == [
-        ("p1", "happy happy", True), ("p1", "sad", False), ("p2", "cried", False), ("p2", "happy", True)]  # 0: no thumb
-    assert demo.balance_weights([True, False, False, False]) == {"desirable_weight": 3.0, "undesirable_weight": 1.0}
-    assert demo.balance_weights([True, True, False]) == {"desirable_weight": 1.0, "undesirable_weight": 2.0}
-
-
-def test_win_rate_counts_ties_as_half():
-    wr, ties = demo.win_rate([["happy", "plain", "sad"]], [["plain", "plain", "happy"]])
-    assert wr == pytest.approx((1 + 0.5 + 0) / 3) and ties == pytest.approx(1 / 3)
+def test_the_rule_as_a_reward_function():
+    assert demo.lexicon_rewards(prompts=["p", "q"], completions=["happy and sad and happy", "plain"]) == [1, 0]
 
 
 def test_held_out_prompts_share_no_names_or_things_with_training():
@@ -48,16 +38,15 @@ def test_held_out_prompts_share_no_names_or_things_with_training():
 
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
-    results = demo.main(["--losses", "sigmoid", "simpo", "kto", "--train_prompts", "16", "--eval_prompts", "4",
-                         "--samples_per_prompt", "6", "--epochs", "1", "--output_dir", str(tmp_path)])
-    assert [r.loss for r in results] == ["sigmoid", "simpo", "kto"]
-    for r in results:
-        assert 0 <= r.win_rate <= 1 and r.seconds > 0 and r.kl == r.kl
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved[0]["loss"] == "sigmoid" and (tmp_path / "demo.png").stat().st_size > 10_000
+    result = demo.main(["--losses", "sigmoid", "simpo", "kto", "--train_prompts", "16", "--eval_prompts", "4",
+                        "--samples_per_prompt", "6", "--epochs", "1", "--output_dir", str(tmp_path)])
+    assert [r.name for r in result.runs] == ["sigmoid", "simpo", "kto"] and all(r.status == "ok" for r in result.runs)
+    for r in result.runs:
+        assert 0 <= r.generation["win_rate"] <= 1 and r.seconds > 0 and r.held_out["kl_per_token"] >= 0
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["runs"][0]["name"] == "sigmoid" and (tmp_path / "comparison.png").stat().st_size > 10_000
+    assert "| kto |" in (tmp_path / "comparison.md").read_text()
     card = ModelCard.load(tmp_path / "simpo" / "README.md")
     assert card.data.to_dict()["library_name"] == "peft" and (tmp_path / "simpo" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "sigmoid" / "diagnostics.png").exists()
-    unpaired = [json.loads(line) for line in (tmp_path / "unpaired.jsonl").read_text().splitlines()]
-    assert unpaired and {"prompt", "completion", "label"} == set(unpaired[0])
+    assert (tmp_path / "sigmoid" / "diagnostics.png").exists() and (tmp_path / "held_out_pairs.jsonl").exists()
     assert ModelCard.load(tmp_path / "kto" / "README.md").data.to_dict()["trl_dpo_plus"]["data"] == "unpaired"

@@ -76,7 +76,7 @@ def _value(text: str):
 
 
 def parse_run(text: str | RunSpec) -> RunSpec:
-    """`"ipo"`, `"ipo:beta=0.5"`, `"simpo:beta=2.5,gamma_beta_ratio=0.55"` → `RunSpec` (the loss name checked)."""
+    """`"ipo"`, `"ipo:beta=0.5"`, `"simpo:beta=2.5,gamma=0.55"` → `RunSpec` (the loss name checked)."""
     if isinstance(text, RunSpec):
         get_loss(text.loss)
         return text
@@ -247,6 +247,7 @@ def held_out_metrics(run: RunSpec, config: DPOPlusConfig, reference: dict, polic
     metrics = {
         "pairs": len(margin),
         "reward_accuracy": float((margin > 0).double().mean()),
+        "margin_mean": float(margin.mean()),
         "margin_quantiles": _quantiles(margin),
         "chosen_logratio_per_token": None,
         "rejected_logratio_per_token": None,
@@ -686,6 +687,9 @@ COLUMNS = {
 }
 
 
+ADAPTER_WORDS = {"lora": "LoRA adapters", "qlora": "QLoRA adapters"}
+
+
 def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return "—"
@@ -728,7 +732,7 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> dict[str, str]:
     setup, ref = comparison.setup, comparison.reference
     text = [
         "# Loss comparison", "",
-        f"{setup['model']}, {setup['adapters']}; {setup['train_pairs']} train pairs, {setup['held_out_pairs']} "
+        f"{setup['model']}, {ADAPTER_WORDS.get(setup['adapters'], setup['adapters'])}; {setup['train_pairs']} train pairs, {setup['held_out_pairs']} "
         f"held-out pairs; lr {setup['learning_rate']:g}, batch {setup['batch_size']}, "
         + (f"{setup['max_steps']} steps" if setup["max_steps"] and setup["max_steps"] > 0 else f"{setup['epochs']:g} epochs")
         + f", seed {setup['seed']}, max_length {setup['max_length']}. Every run: same data, seed and schedule.", "",

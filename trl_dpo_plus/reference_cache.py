@@ -59,6 +59,8 @@ def weights_fingerprint(model: torch.nn.Module, keep_adapters: bool = False) -> 
     (`base_layer`, `original_module`) are read as the plain model's, so a LoRA model's reference fingerprint equals its
     base model's."""
     digest = hashlib.sha256()
+    if not keep_adapters and hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # a PEFT model's base, under the plain model's names
     for name, tensor in sorted(model.state_dict().items()):
         if not keep_adapters:
             if any(part in name for part in _ADAPTER_KEY_PARTS):
