@@ -477,8 +477,8 @@ def compare(
     train_dataset = _check_paired(train_dataset, "train")
     eval_dataset = _check_paired(eval_dataset, "eval")
     adapters = args.lora or args.qlora or peft_config is not None
-    if reward_fn is not None and len(eval_dataset) == 0:
-        raise ValueError("compare: the held-out split is empty")
+    if len(eval_dataset) == 0:
+        raise ValueError("compare: the held-out split is empty; every run is scored on held-out pairs")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     results, prepared_eval, tokenizer = [], None, processing_class
@@ -730,10 +730,12 @@ def markdown_table(comparison: Comparison) -> str:
 def write_comparison(comparison: Comparison, out_dir: Path) -> dict[str, str]:
     files = {"json": "comparison.json", "markdown": "comparison.md"}
     setup, ref = comparison.setup, comparison.reference
+    scored = next((r.held_out["pairs"] for r in comparison.runs if r.held_out), setup["held_out_pairs"])
+    held_out = (f"{setup['held_out_pairs']} held-out pairs" if scored == setup["held_out_pairs"] else
+                f"{setup['held_out_pairs']} held-out pairs ({scored} fit max_length and are scored)")
     text = [
         "# Loss comparison", "",
-        f"{setup['model']}, {ADAPTER_WORDS.get(setup['adapters'], setup['adapters'])}; {setup['train_pairs']} train pairs, {setup['held_out_pairs']} "
-        f"held-out pairs; lr {setup['learning_rate']:g}, batch {setup['batch_size']}, "
+        f"{setup['model']}, {ADAPTER_WORDS.get(setup['adapters'], setup['adapters'])}; {setup['train_pairs']} train pairs, {held_out}; lr {setup['learning_rate']:g}, batch {setup['batch_size']}, "
         + (f"{setup['max_steps']} steps" if setup["max_steps"] and setup["max_steps"] > 0 else f"{setup['epochs']:g} epochs")
         + f", seed {setup['seed']}, max_length {setup['max_length']}. Every run: same data, seed and schedule.", "",
         markdown_table(comparison), "",
