@@ -119,11 +119,8 @@ def _truncate(prompt: list[int], completion: list[int], max_length: int | None, 
     return prompt[:max_length], completion[: max(max_length - len(prompt), 0)]
 
 
-def _pair_batch(rows: list[dict], pad_token_id: int, max_length: int | None, mode: str):
-    """`2B` right-padded sequences (the B chosen, then the B rejected) and the mask of their completion tokens."""
-    sequences = []
-    for side in ("chosen_ids", "rejected_ids"):
-        sequences += [_truncate(list(row["prompt_ids"]), list(row[side]), max_length, mode) for row in rows]
+def _pad(sequences: list[tuple[list[int], list[int]]], pad_token_id: int):
+    """Right-padded `input_ids`, `attention_mask` and completion-token mask of `(prompt ids, completion ids)` pairs."""
     width = max(len(p) + len(c) for p, c in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
@@ -133,6 +130,21 @@ def _pair_batch(rows: list[dict], pad_token_id: int, max_length: int | None, mod
         attention[i, : len(p) + len(c)] = 1
         completion[i, len(p): len(p) + len(c)] = True
     return input_ids, attention, completion
+
+
+def _pair_batch(rows: list[dict], pad_token_id: int, max_length: int | None, mode: str):
+    """`2B` padded sequences (the B chosen, then the B rejected), truncated as training truncates them."""
+    sequences = []
+    for side in ("chosen_ids", "rejected_ids"):
+        sequences += [_truncate(list(row["prompt_ids"]), list(row[side]), max_length, mode) for row in rows]
+    return _pad(sequences, pad_token_id)
+
+
+def _per_sequence(values: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+    """Per-completion-token `values` (in the order `_completion_logprobs` returns them) summed per sequence."""
+    mask = completion[:, 1:]
+    owner = torch.arange(len(completion), device=values.device)[:, None].expand_as(mask)[mask]
+    return torch.zeros(len(completion), device=values.device, dtype=values.dtype).index_add_(0, owner, values).cpu()
 
 
 def _completion_logprobs(model, input_ids, attention, completion) -> torch.Tensor:
@@ -197,10 +209,9 @@ def evaluate_pairs(policies: AdapterPolicies | FullPolicy, rows: list[dict], pad
                 t.to(device) for t in _pair_batch(chunk, pad_token_id, max_length, truncation_mode))
             ref_logprobs = _completion_logprobs(model.eval(), input_ids, attention, completion)
         labels = input_ids[:, 1:][completion[:, 1:]]
-        owner = torch.arange(len(input_ids), device=device)[:, None].expand_as(completion[:, 1:])[completion[:, 1:]]
 
         def per_pair(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            sums = torch.zeros(len(input_ids), device=device, dtype=values.dtype).index_add_(0, owner, values).cpu()
+            sums = _per_sequence(values, completion)
             return sums[: len(chunk)], sums[len(chunk):]
 
         chosen, rejected = per_pair(ref_logprobs.gather(1, labels[:, None]).squeeze(1))
@@ -295,24 +306,15 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
     sums, counts = [], []
     device = next(model.parameters()).device
     for i in range(0, len(prompts), batch):
-        rows = []
+        sequences = []
         for p, c in zip(prompts[i: i + batch], completions[i: i + batch]):
             prompt_ids = tokenizer(p)["input_ids"]
-            rows.append({"prompt_ids": prompt_ids, "ids": tokenizer(p + c)["input_ids"][len(prompt_ids):]})
-        width = max(len(r["prompt_ids"]) + len(r["ids"]) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        attn = torch.zeros_like(ids)
-        comp = torch.zeros_like(ids, dtype=torch.bool)
-        for j, r in enumerate(rows):
-            n_p, n = len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r["ids"])
-            ids[j, :n] = torch.tensor(r["prompt_ids"] + r["ids"])
-            attn[j, :n] = 1
-            comp[j, n_p:n] = True
-        ids, attn, comp = ids.to(device), attn.to(device), comp.to(device)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        token_logps = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(-1)
-        sums.append((token_logps * comp[:, 1:]).sum(-1).cpu())
-        counts.append(comp[:, 1:].sum(-1).cpu())
+            sequences.append((prompt_ids, tokenizer(p + c)["input_ids"][len(prompt_ids):]))
+        input_ids, attention, completion = (t.to(device) for t in _pad(sequences, tokenizer.pad_token_id))
+        logprobs = _completion_logprobs(model, input_ids, attention, completion)
+        labels = input_ids[:, 1:][completion[:, 1:]]
+        sums.append(_per_sequence(logprobs.gather(1, labels[:, None]).squeeze(1), completion))
+        counts.append(completion[:, 1:].sum(-1).cpu())
     return torch.cat(sums), torch.cat(counts)
 
 
@@ -472,8 +474,8 @@ def compare(
     labels = [run.label for run in runs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"compare: two runs have the same name {labels}; give them different hyperparameters")
-    cache_dir = args.reference_cache_dir or (str(out_dir / "reference_cache") if share_reference else None)
-    configs = [run_config(args, run, out_dir, cache_dir if share_reference else None) for run in runs]
+    cache_dir = (args.reference_cache_dir or str(out_dir / "reference_cache")) if share_reference else None
+    configs = [run_config(args, run, out_dir, cache_dir) for run in runs]
     train_dataset = _check_paired(train_dataset, "train")
     eval_dataset = _check_paired(eval_dataset, "eval")
     adapters = args.lora or args.qlora or peft_config is not None
@@ -560,7 +562,7 @@ def compare(
 
     reference_stats = {
         "shared": share_reference,
-        "cache_dir": _relative(cache_dir, out_dir) if share_reference else None,
+        "cache_dir": _relative(cache_dir, out_dir),
         "reference_based_runs": sum(not r.reference_free for r in results),
         "forward_rows": sum(r.reference_rows for r in results),
         "forward_rows_unshared": sum(r.reference_rows_alone for r in results),
@@ -756,15 +758,10 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> dict[str, str]:
                                 if comparison.base_generation or k not in ("win-rate", "reward", "fluency", "sample KL")]
     text += ["", "Each run's folder holds its adapter (or model), model card (README.md) and diagnostics.json/.png."]
     (out_dir / "comparison.md").write_text("\n".join(text) + "\n")
-    (out_dir / "comparison.json").write_text(json.dumps(comparison.to_dict(), indent=2, allow_nan=False,
-                                                        default=_json_default))
+    (out_dir / "comparison.json").write_text(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
     if plot_comparison(comparison, out_dir / "comparison.png") is not None:
         files["plot"] = "comparison.png"
     return files
-
-
-def _json_default(value):
-    raise TypeError(f"not JSON: {value!r}")
 
 
 def plot_comparison(comparison: Comparison, path: Path) -> Path | None:

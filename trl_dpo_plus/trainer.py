@@ -196,7 +196,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         self.layout_reason = "not chosen yet"
         self._layout_installed = False
         self._layout_verified = False
-        self._reference_weights_hash: str | None = None
+        self._reference_hashes: dict[str, str] | None = None
         self.reference_forwards = {"batches": 0, "rows": 0}  # reference forwards run by this trainer (see compare)
         self.layout_check: dict | None = None  # the shared-prefix layout's first-batch check against the padded one
         self._user_collator = kwargs.get("data_collator") is not None
@@ -540,18 +540,18 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             raise ValueError("reference_cache_dir cannot fingerprint a ZeRO-3 model (its weights are sharded across "
                              "processes). Drop reference_cache_dir; precompute_ref_log_probs still runs the reference "
                              "once per run.")
-        if self._reference_weights_hash is None:
+        if self._reference_hashes is None:  # the same for every split: hashed once
             if self.ref_model is not None:
                 reference, keep_adapters = self.accelerator.unwrap_model(self.ref_model), True
             else:  # the policy itself before training, or a PEFT model's base (its 'ref' adapter when it has one)
                 reference = self.accelerator.unwrap_model(self.model)
                 keep_adapters = not is_peft_model(reference) or "ref" in reference.peft_config
-            self._reference_weights_hash = weights_fingerprint(reference, keep_adapters=keep_adapters)
+            self._reference_hashes = {"reference_weights": weights_fingerprint(reference, keep_adapters=keep_adapters),
+                                      "tokenizer": tokenizer_fingerprint(self.processing_class)}
         args = self.args
         precision = f"bf16={args.bf16},fp16={args.fp16},mixed_precision={self.accelerator.mixed_precision}"
         components = {
-            "reference_weights": self._reference_weights_hash,
-            "tokenizer": tokenizer_fingerprint(self.processing_class),
+            **self._reference_hashes,
             "dataset": token_ids_fingerprint(dataset.select_columns(list(self.token_id_columns)).with_format("arrow")[:]),
             "truncation": f"max_length={args.max_length},truncation_mode={args.truncation_mode}",
             "layout": f"{type(self.layout).__name__},{precision}",
