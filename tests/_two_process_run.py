@@ -56,8 +56,9 @@ class PairsSeen(TrainerCallback):
     pairs = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if "margin" in getattr(trainer, "last_pair_statistics", {}):
-            self.pairs.append(int(trainer.last_pair_statistics["margin"].numel()))
+        last = trainer.statistics.last if hasattr(trainer, "statistics") else {}  # what the detectors read now
+        if "margin" in last:
+            self.pairs.append(int(last["margin"].numel()))
 
 
 trainer.add_callback(PairsSeen())

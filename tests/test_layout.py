@@ -132,8 +132,9 @@ def token_error(trainer):
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert batch["input_ids"].size(0) < 2 * 8  # pairs were packed: fewer rows than TRL's 2B
     with torch.no_grad():
-        shared = trainer.layout.policy_forward(trainer, trainer.model, batch)
-        padded = PaddedPairLayout().policy_forward(trainer, trainer.model, unpack_to_padded(batch, trainer.pad_token_id))
+        shared = trainer.layout.policy_forward(trainer.forward_context, trainer.model, batch)
+        padded = PaddedPairLayout().policy_forward(trainer.forward_context, trainer.model,
+                                                   unpack_to_padded(batch, trainer.pad_token_id))
     theirs = padded_tokens(padded)
     width = theirs.size(1)
     assert torch.equal(shared.mask[:, :width].bool(), (theirs != 0) | shared.mask[:, :width].bool())
@@ -153,7 +154,7 @@ def test_per_token_logps_equal_the_padded_forward(family, attn, tokenizer, tmp_p
 
 def test_eager_attention_needs_an_additive_mask(tokenizer, tmp_path, monkeypatch):
     """A bool mask is silently wrong under eager attention (it is added to the scores): the layout builds a float one."""
-    import trl_dpo_plus.layout as layout
+    import trl_dpo_plus.layout.shared_prefix as layout
 
     trainer = trainer_for(tiny_model(tmp_path, tokenizer, "llama", "eager"), tokenizer, tmp_path,
                           model_init_kwargs={"attn_implementation": "eager"})
@@ -173,9 +174,10 @@ def test_adapters_policy_and_reference_equal_the_padded_forward(adapter, tiny_mo
     assert token_error(trainer) <= tolerance
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     ours = torch.stack(trainer.compute_ref_log_probs(trainer.model, batch))
-    theirs = torch.stack(trainer.padded_reference_logps(trainer.model, unpack_to_padded(batch, trainer.pad_token_id)))
+    theirs = torch.stack(trainer.forward_context.padded_reference(trainer.model,
+                                                                  unpack_to_padded(batch, trainer.pad_token_id)))
     per_token = (ours - theirs).abs() / torch.stack(trainer.layout.policy_forward(
-        trainer, trainer.model, batch).lengths.chunk(2)).clamp(min=1)
+        trainer.forward_context, trainer.model, batch).lengths.chunk(2)).clamp(min=1)
     assert per_token.max() <= tolerance
 
 
@@ -204,7 +206,7 @@ def test_every_loss_trains_the_same_step_in_both_layouts(loss, tiny_models, toke
 # -- where it cannot be exact: the padded layout, and the reason ---------------------------------------------------
 def test_sliding_window_shorter_than_max_length_falls_back(tokenizer, tmp_path, caplog):
     model = tiny_model(tmp_path, tokenizer, "mistral", "sdpa", sliding_window=32)
-    with caplog.at_level(logging.INFO, logger="trl_dpo_plus.trainer"):
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
         trainer = trainer_for(model, tokenizer, tmp_path, max_length=64)
     assert trainer.layout.name == "padded" and "sliding-window" in trainer.layout_reason
     assert "Pair layout: padded" in caplog.text
@@ -228,7 +230,7 @@ def test_a_model_that_builds_its_own_mask_is_caught_on_the_first_batch(tokenizer
     path = tmp_path / "bloom"
     AutoModelForCausalLM.from_config(config, attn_implementation="eager").save_pretrained(path)
     tokenizer.save_pretrained(path)
-    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus"):
         trainer = trainer_for(str(path), tokenizer, tmp_path, max_steps=2, model_init_kwargs={"attn_implementation": "eager"})
         trainer.train()
     assert trainer.layout.name == "padded" and "4D attention mask" in trainer.layout_reason
@@ -257,7 +259,7 @@ def long_prompt_pairs(n=8):
 
 def test_truncated_and_dropped_pairs_are_counted(tiny_models, tokenizer, tmp_path, caplog):
     args = DPOConfig(output_dir=str(tmp_path), max_length=48, report_to=[], per_device_train_batch_size=4)
-    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus"):
         trainer = DPOTrainer(tiny_models["llama"], args=args, train_dataset=long_prompt_pairs(), processing_class=tokenizer)
     counts = trainer.truncation_counts["train"]
     prompts = [len(tokenizer(p)["input_ids"]) for p in long_prompt_pairs()["prompt"]]

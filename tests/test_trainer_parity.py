@@ -94,3 +94,19 @@ def test_default_shared_prefix_layout_matches_trl(overrides, tiny_models, tokeni
     assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4, abs=1e-6)
     for key in ("logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "num_tokens", "logits/chosen"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("ours_set", [{}, {"loss_kwargs": {"exo_pair": {"label_smoothing": 1e-3}}}],
+                         ids=["registry-default", "loss_kwargs"])
+def test_exo_pair_at_its_registry_epsilon_equals_trl_at_label_smoothing_1e_3(ours_set, tiny_models, tokenizer, tmp_path):
+    """TRL refuses exo_pair at label_smoothing=0 (its default); ours runs it at the registry's ε = 1e-3 (the paper's
+    recommendation) unless told otherwise, and the step equals TRL's at label_smoothing=1e-3. The config keeps the
+    user's label_smoothing."""
+    model = tiny_models["llama"]
+    theirs, _, _ = run_one_step(trl.DPOTrainer, trl.DPOConfig, model, tokenizer, tmp_path / "trl", False,
+                                loss_type=["exo_pair"], label_smoothing=1e-3)
+    ours, _, trainer = run_one_step(DPOTrainer, DPOConfig, model, tokenizer, tmp_path / "ours", False,
+                                    loss_type=["exo_pair"], pair_layout="padded", **ours_set)
+    assert trainer.loss_kwargs[0]["label_smoothing"] == 1e-3 and trainer.args.label_smoothing == 0.0
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=1e-6)
+    assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-6, abs=1e-6)

@@ -100,3 +100,11 @@ def test_transformers_callback_state_restore_is_unchanged():
     source = inspect.getsource(Trainer._load_callback_state)
     assert "restore_callback_states_from_checkpoint" in source and "stateful_callbacks" in source, transformers.__version__
     assert "self._load_callback_state()" in inspect.getsource(transformers.trainer), transformers.__version__
+
+
+def test_trl_checks_exo_pair_on_the_config_label_smoothing():
+    """`DPOPlusTrainer._exo_pair_checked_at_its_epsilon` hands TRL's `__init__` the ε the registry's exo_pair runs
+    with, through `args.label_smoothing`, for TRL's check that refuses 0."""
+    source = inspect.getsource(dpo_trainer.DPOTrainer.__init__)
+    assert "self.label_smoothing = args.label_smoothing" in source
+    assert '"exo_pair" in self.loss_types and self.label_smoothing == 0.0' in source

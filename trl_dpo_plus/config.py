@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from trl import DPOConfig
 
-from .layout import TRUNCATION_MODES
+from .layout.truncation import TRUNCATION_MODES
 from .losses import DATA_KINDS, get_loss, list_losses, validate_loss_kwargs
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class DPOPlusConfig(DPOConfig):
         train_sampling_strategy (`str` or `None`, *optional*, defaults to `None`):
             Transformers' sampler choice; `None` means `"sequential"` for `kto` (its KL completions are each row's
             neighbour in a fixed-order batch, as in TRL's `KTOConfig`) and `"random"` otherwise.
+        beta_per_loss, sampling_by_loss (`bool`, read-only):
+            Set by the config when `beta` / `train_sampling_strategy` were left unset and chosen for the losses, so
+            that a copy for another loss (`trl-dpo-plus compare`) chooses them again for that loss.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["loss_kwargs"]
@@ -218,6 +222,16 @@ class DPOPlusConfig(DPOConfig):
         metadata={"help": "Token budget of one packed row in the shared-prefix layout; default max_length (1024 when "
                   "max_length is None); 0 puts one pair per row."},
     )
+    # Set by the config itself (read-only): how unset fields were resolved, so that a copy for another loss (compare)
+    # resolves them again for that loss
+    beta_per_loss: bool = field(
+        default=False, init=False,
+        metadata={"help": "True when beta was left unset: each loss runs at its own recommended beta."},
+    )
+    sampling_by_loss: bool = field(
+        default=False, init=False,
+        metadata={"help": "True when train_sampling_strategy was left unset and was chosen for the losses."},
+    )
 
     def __post_init__(self):
         self._select_device()
@@ -272,7 +286,7 @@ class DPOPlusConfig(DPOConfig):
         if self.beta is None:
             # Each loss then runs at its own recommended β (a mix of simpo and sigmoid must not run sigmoid at 2.0);
             # `beta` holds the first loss's, for what TRL reads from it.
-            self._beta_per_loss = True
+            self.beta_per_loss = True
             self.beta = specs[0].defaults["beta"]
             logger.info("beta not set: each loss uses its recommended beta (%s)",
                         ", ".join(f"{s.name}={s.defaults['beta']}" for s in specs))
@@ -318,11 +332,10 @@ class DPOPlusConfig(DPOConfig):
                 f"`f_divergence_type={self.f_divergence_type!r}` is not defined for {sorted(f_div)}; it applies to "
                 f"{sorted(n for n in list_losses() if get_loss(n).supports_f_divergence)}. Use 'reverse_kl'."
             )
-        if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
-            raise ValueError("use_weighting=True (WPO) cannot weight 'aot'/'aot_unpaired': they sort pairs across the "
-                             "batch, so per-pair weights would not line up. Drop one of the two.")
-        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
-            raise ValueError("`exo_pair` needs label_smoothing > 0 (the EXO paper recommends 1e-3): set label_smoothing=1e-3")
+        whole_batch = [s.name for s in specs if s.whole_batch]
+        if self.use_weighting and whole_batch:
+            raise ValueError(f"use_weighting=True (WPO) cannot weight {', '.join(map(repr, whole_batch))}: they sort "
+                             "pairs across the batch, so per-pair weights would not line up. Drop one of the two.")
         if self.reference_cache_dir is not None and any(s.requires_reference for s in specs):
             if not self.precompute_ref_log_probs:
                 logger.info("reference_cache_dir is set: precompute_ref_log_probs=True (the cache holds precomputed "
@@ -348,7 +361,7 @@ class DPOPlusConfig(DPOConfig):
             )
         kl_losses = [s.name for s in specs if s.data == "unpaired" and s.requires_kl]
         if self.train_sampling_strategy is None:
-            self._sampling_by_loss = True  # chosen here, so a copy for another loss (compare) chooses again
+            self.sampling_by_loss = True  # chosen here, so a copy for another loss (compare) chooses again
             self.train_sampling_strategy = "sequential" if kl_losses else "random"
         if kinds != {"unpaired"}:
             if self.unpair:
@@ -376,6 +389,11 @@ class DPOPlusConfig(DPOConfig):
                 "train_sampling_strategy unset (or 'sequential') and shuffle the dataset once beforehand "
                 "(dataset.shuffle(seed=...)) if it is sorted."
             )
+
+    @classmethod
+    def from_trl(cls, args: DPOConfig) -> DPOPlusConfig:
+        """A TRL `DPOConfig` as a `DPOPlusConfig` with the same field values (and the registry's checks)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
     @property
     def data_kind(self) -> str:
@@ -411,10 +429,23 @@ class DPOPlusConfig(DPOConfig):
     def loss_kwargs_for(self, name: str) -> dict[str, Any]:
         """The validated hyperparameters loss `name` runs with: its defaults < beta & shared fields < loss_kwargs."""
         accepted = get_loss(name).defaults
-        kwargs = {} if getattr(self, "_beta_per_loss", False) else {"beta": self.beta}
+        kwargs = {} if self.beta_per_loss else {"beta": self.beta}
         for config_field, keyword in SHARED_LOSS_FIELDS.items():
             value = getattr(self, config_field)
             if keyword in accepted and value != type(self).__dataclass_fields__[config_field].default:
                 kwargs[keyword] = value
         kwargs.update(self.loss_kwargs.get(name, {}))
         return validate_loss_kwargs(name, kwargs)
+
+
+def check_processes(loss_specs, num_processes: int) -> None:
+    """Losses that sort across the whole batch (`whole_batch` in the registry) refuse several processes, where each
+    would sort only its own pairs."""
+    whole_batch = [spec.name for spec in loss_specs if spec.whole_batch]
+    if whole_batch and num_processes > 1:
+        raise ValueError(
+            f"{whole_batch} sort the log-ratios across the batch, and with {num_processes} processes each would sort "
+            "only its own pairs, which is a different loss than on one process. Train them on one process (raise "
+            "per_device_train_batch_size or gradient_accumulation_steps for the same batch), or choose a per-pair "
+            "loss such as 'sigmoid'."
+        )

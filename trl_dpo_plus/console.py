@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-CONSOLE_KEYS = ("loss", "grad_norm", "learning_rate", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "runtime", "samples_per_second", "steps_per_second", "epoch")
-FLAG_PREFIX = "diagnostics/flag/"
+from .metrics import CONSOLE_KEYS, FLAG_PREFIX
 
 
 def compact_logs(logs: dict) -> dict:

@@ -184,6 +184,32 @@ def check_preference_dataset(dataset, *, name: str = "train", drop_degenerate: b
     return dataset
 
 
+def check_trainer_datasets(train_dataset, eval_dataset, args):
+    """The trainer's train and eval datasets (a dict of eval datasets too), checked on the raw text for the kind of
+    data `args.loss_type` trains on, before TRL tokenizes them and before any model is loaded."""
+    def check(dataset, name):
+        if dataset is None:
+            return None
+        return check_preference_dataset(dataset, name=name, drop_degenerate=args.drop_degenerate_pairs,
+                                        kind=args.data_kind, losses=list(args.loss_type), unpair=args.unpair,
+                                        seed=args.seed)
+
+    if isinstance(eval_dataset, dict):
+        return check(train_dataset, "train"), {key: check(ds, key) for key, ds in eval_dataset.items()}
+    return check(train_dataset, "train"), check(eval_dataset, "eval")
+
+
+def check_model_path(model) -> None:
+    """A model given as a path that does not exist fails before anything loads, with the fix."""
+    import os
+
+    if isinstance(model, str) and looks_like_local_path(model) and not os.path.exists(os.path.expanduser(model)):
+        raise FileNotFoundError(
+            f"Model path {model!r} does not exist. Give an existing local folder, or a Hub id such as "
+            "'Qwen/Qwen2.5-0.5B-Instruct'."
+        )
+
+
 def unpair_preference_dataset(dataset, *, seed: int | None = 0):
     """Paired rows (prompt, chosen, rejected) -> unpaired rows (prompt, completion, label): each chosen completion
     becomes a desirable row (`label=True`), each rejected one an undesirable row (`label=False`), other columns copied

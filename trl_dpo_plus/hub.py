@@ -7,7 +7,6 @@ The card is built with `huggingface_hub.ModelCard.from_template` (YAML metadata 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,6 +19,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
 from .citations import TRL, bibtex
+from .diagnostics.report import read_report
+from .metrics import last_train_log
 from .data import looks_like_local_path
 from .qlora import is_quantized
 
@@ -139,11 +140,6 @@ def _eval_results(trainer, dataset: str | None) -> list[EvalResult] | None:
             for kind, label, key in metrics if key in last]
 
 
-def _final_metrics(trainer) -> dict:
-    logs = [h for h in trainer.state.log_history if "rewards/accuracies" in h and "eval_loss" not in h]
-    return logs[-1] if logs else {}
-
-
 def build_model_card(trainer, model_name: str | None = None, dataset_name: str | list[str] | None = None,
                      tags: list[str] | None = None, output_dir: str | None = None) -> ModelCard:
     """The card for what `trainer` trained, with every loss hyperparameter actually used."""
@@ -161,7 +157,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
                        "kwargs_text": ", ".join(f"{k}={v}" for k, v in kwargs.items())})
     citations = list(dict.fromkeys(c for c in (bibtex(loss["paper"]) for loss in losses) if c)) + [TRL]
     repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
-    final = _final_metrics(trainer)
+    final = last_train_log(trainer.state.log_history)
     training = {
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
         "learning_rate": args.learning_rate, "lr_scheduler": str(args.lr_scheduler_type).split(".")[-1].lower(),
@@ -176,9 +172,9 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
     }
     training = {"data": data_description(trainer), **training}
     diagnostics = None
-    report_path = Path(args.output_dir) / "diagnostics.json"
-    if report_path.exists():
-        train = json.loads(report_path.read_text()).get("train") or {}
+    report = read_report(args.output_dir)
+    if report is not None:
+        train = report.get("train") or {}
         number = lambda v: "non-finite" if v is None else f"{v:.4g}"  # noqa: E731  (strict JSON wrote NaN as null)
         summary = {k: f"{number(v['first'])} → {number(v['last'])}" for k, v in train.get("summary", {}).items()}
         plot = Path(args.output_dir) / "diagnostics.png"

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, concatenate_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +170,71 @@ class ReferenceCache:
                   metadata=metadata)
         os.replace(partial, path)
         return path
+
+
+def run_settings(args, layout, accelerator) -> dict[str, str]:
+    """The fingerprint's components besides the weights, tokenizer and data: `truncation` and `layout` (with the
+    forward's precision)."""
+    precision = f"bf16={args.bf16},fp16={args.fp16},mixed_precision={accelerator.mixed_precision}"
+    return {"truncation": f"max_length={args.max_length},truncation_mode={args.truncation_mode}",
+            "layout": f"{type(layout).__name__},{precision}"}
+
+
+class SplitFingerprints:
+    """The fingerprints of one run's prepared splits: the reference weights and the tokenizer hashed once for all.
+
+    Args:
+        reference: the reference model, unwrapped: the separate reference model, or else the policy itself before
+            training (for a PEFT policy, its base is the reference unless it has a 'ref' adapter).
+        separate: whether `reference` is a separate reference model (its adapters, if any, count).
+        tokenizer: the run's tokenizer (or processor).
+        settings: the other components, as text: `truncation`, `layout`.
+        broadcast: `broadcast_object_list`, so that every process uses rank 0's fingerprint.
+        sharded: the weights are sharded across processes (ZeRO-3), so they cannot be hashed: refused.
+    """
+
+    def __init__(self, reference: torch.nn.Module, *, separate: bool, tokenizer, settings: dict[str, str],
+                 broadcast: Callable | None = None, sharded: bool = False):
+        if sharded:
+            raise ValueError("reference_cache_dir cannot fingerprint a ZeRO-3 model (its weights are sharded across "
+                             "processes). Drop reference_cache_dir; precompute_ref_log_probs still runs the reference "
+                             "once per run.")
+        keep_adapters = separate or not is_peft_model(reference) or "ref" in reference.peft_config
+        self.hashes = {"reference_weights": weights_fingerprint(reference, keep_adapters=keep_adapters),
+                       "tokenizer": tokenizer_fingerprint(tokenizer)}
+        self.settings, self.broadcast = settings, broadcast
+
+    def __call__(self, dataset: Dataset, columns: tuple[str, ...]) -> Fingerprint:
+        """The fingerprint of a prepared split's token-id `columns` under this run's reference and settings."""
+        components = {**self.hashes,
+                      "dataset": token_ids_fingerprint(dataset.select_columns(list(columns)).with_format("arrow")[:]),
+                      **self.settings}
+        shared = [components]
+        if self.broadcast is not None:
+            self.broadcast(shared, from_process=0)
+        return Fingerprint(shared[0])
+
+
+def cached_precompute(cache: ReferenceCache, fingerprint: Fingerprint, dataset: Dataset, name: str,
+                      compute: Callable[[], Dataset], *, is_main: bool = True,
+                      barrier: Callable[[], None] = lambda: None) -> Dataset:
+    """`dataset` with its `ref_chosen_logps`/`ref_rejected_logps` columns: read from `cache` when an entry matches
+    `fingerprint`, else `compute()`d (TRL's precompute) and written there by the main process."""
+    cached = cache.load(fingerprint, len(dataset))
+    if cached is not None:
+        logger.info("Reference log-probs of the %s split (%d rows) read from %s: no reference forward", name,
+                    len(dataset), cache.path(fingerprint))
+        columns = Dataset.from_dict({"ref_chosen_logps": cached["chosen"].numpy(),
+                                     "ref_rejected_logps": cached["rejected"].numpy()})
+        return concatenate_datasets([dataset, columns], axis=1)
+    closest = cache.closest(fingerprint, name)
+    logger.info("Computing reference log-probs of the %s split (%d rows) once, cached in %s%s", name, len(dataset),
+                cache.directory, "" if closest is None else
+                f" (no cached entry matches; the closest, {closest[0].name}, was computed for another "
+                f"{', '.join(closest[1])})")
+    prepared = compute()
+    if is_main:
+        values = prepared.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).with_format("torch")[:]
+        cache.save(fingerprint, name, values["ref_chosen_logps"], values["ref_rejected_logps"])
+    barrier()
+    return prepared

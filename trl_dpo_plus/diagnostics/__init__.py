@@ -1,29 +1,67 @@
-"""Diagnostics: reward margins, likelihood displacement, length bias, non-finite values, and the end-of-run report."""
+"""Diagnostics: reward margins, likelihood displacement, length bias, non-finite values, and the end-of-run report.
 
-from .callbacks import (
-    ACTIONS,
-    DiagnosticCallback,
-    Flag,
-    LengthBiasCallback,
-    LikelihoodDisplacementCallback,
-    NonFiniteCallback,
-    RewardMarginCallback,
-    default_callbacks,
+One detector per file (`margins`, `displacement`, `length_bias`, `nonfinite`) on the base in `base`; `statistics`
+holds what they read; `report` writes `diagnostics.json`/`.png` from the log history.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from .base import ACTIONS, REMEDIES, DiagnosticCallback, Flag, restore_states
+from .displacement import LikelihoodDisplacementCallback
+from .length_bias import LengthBiasCallback
+from .margins import RewardMarginCallback
+from .nonfinite import NonFiniteCallback
+from .report import (
+    DiagnosticsReportCallback,
+    build_report,
+    plot_report,
+    read_report,
+    rebuild_report,
+    write_interrupted_report,
+    write_report,
 )
-from .report import DiagnosticsReportCallback, build_report, plot_report, rebuild_report, write_report
+from .statistics import PairStatistics
+
+
+def default_callbacks(action: str = "warn") -> list[DiagnosticCallback]:
+    return [RewardMarginCallback(action=action), LikelihoodDisplacementCallback(action=action),
+            LengthBiasCallback(action=action), NonFiniteCallback(action=action)]
+
+
+def callbacks_to_add(existing: list[TrainerCallback], args, sides: tuple[str, str] = ("chosen", "rejected")):
+    """What a trainer adds to its callbacks: the default detectors of a kind the user did not pass (when
+    `args.diagnostics`), with `args.diagnostics_action`, and the report writer when any detector runs. Every detector,
+    the user's too, names the two sides `sides` in its messages (desirable/undesirable for unpaired data)."""
+    given = {type(cb) for cb in existing}
+    added = [cb for cb in default_callbacks(args.diagnostics_action) if type(cb) not in given] if args.diagnostics else []
+    detectors = [cb for cb in existing + added if isinstance(cb, DiagnosticCallback)]
+    for detector in detectors:
+        detector.sides = sides
+    if DiagnosticsReportCallback not in given and detectors:
+        added.append(DiagnosticsReportCallback())
+    return added
+
 
 __all__ = [
     "ACTIONS",
+    "REMEDIES",
     "DiagnosticCallback",
     "DiagnosticsReportCallback",
     "Flag",
     "LengthBiasCallback",
     "LikelihoodDisplacementCallback",
     "NonFiniteCallback",
+    "PairStatistics",
     "RewardMarginCallback",
     "build_report",
+    "callbacks_to_add",
     "default_callbacks",
     "plot_report",
+    "read_report",
     "rebuild_report",
+    "restore_states",
+    "write_interrupted_report",
     "write_report",
 ]

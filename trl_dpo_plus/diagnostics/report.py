@@ -13,28 +13,19 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .callbacks import PREFIX, REMEDIES
+from ..metrics import DIAGNOSTICS_PREFIX as PREFIX
+from ..metrics import FLAG_PREFIX, REPORT_SERIES, UNPAIRED_MARKERS
+from .base import REMEDIES
 
 logger = logging.getLogger(__name__)
 
-SERIES = {  # for unpaired (KTO) runs, "chosen"/"rejected" are the desirable/undesirable completions
-    "chosen_logratio": ("dpo_plus/chosen_logratio_per_token", "dpo_plus/desirable_logratio_per_token"),
-    "rejected_logratio": ("dpo_plus/rejected_logratio_per_token", "dpo_plus/undesirable_logratio_per_token"),
-    "margin_mean": (f"{PREFIX}/margin/mean", "rewards/margins"),
-    "margin_p10": (f"{PREFIX}/margin/p10",),
-    "margin_p50": (f"{PREFIX}/margin/p50",),
-    "margin_p90": (f"{PREFIX}/margin/p90",),
-    "accuracy": (f"{PREFIX}/margin/accuracy", "rewards/accuracies"),
-    "length_r2": (f"{PREFIX}/length/r2",),
-    "length_corr": (f"{PREFIX}/length/corr",),
-    "loss": ("loss",),
-}
+REPORT_FILE = "diagnostics.json"
 
 
 def _series(log_history: list[dict], mode: str) -> dict[str, list[tuple[int, float]]]:
     prefix = "eval_" if mode == "eval" else ""
     out = {}
-    for name, keys in SERIES.items():
+    for name, keys in REPORT_SERIES.items():
         for key in keys:
             points = [(h["step"], h[prefix + key]) for h in log_history if prefix + key in h and "step" in h]
             if points:
@@ -45,7 +36,7 @@ def _series(log_history: list[dict], mode: str) -> dict[str, list[tuple[int, flo
 
 def _flags(log_history: list[dict], mode: str) -> list[dict]:
     """Each flag episode once: the first step of a run of consecutive logs where it was raised."""
-    prefix = ("eval_" if mode == "eval" else "") + f"{PREFIX}/flag/"
+    prefix = ("eval_" if mode == "eval" else "") + FLAG_PREFIX
     flags, active = [], set()
     for h in log_history:
         raised = {k[len(prefix) :] for k in h if k.startswith(prefix)}
@@ -60,8 +51,7 @@ def _flags(log_history: list[dict], mode: str) -> list[dict]:
 
 
 def build_report(log_history: list[dict]) -> dict:
-    unpaired = any(k.startswith("dpo_plus/desirable_") or k.startswith("dpo_plus/undesirable_")
-                   for h in log_history for k in h)
+    unpaired = any(k.startswith(UNPAIRED_MARKERS) for h in log_history for k in h)
     report = {"data": "unpaired" if unpaired else "paired", "remedies": REMEDIES}
     for mode in ("train", "eval"):
         series = _series(log_history, mode)
@@ -189,8 +179,24 @@ def write_report(log_history: list[dict], output_dir: str | Path, interrupted: s
     report = _strict(report, replaced)
     if replaced[0]:
         report["note"] = f"{replaced[0]} non-finite values (NaN or ±Infinity) are written as null"
-    (output_dir / "diagnostics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False))
     return report
+
+
+def write_interrupted_report(log_history: list[dict], output_dir: str | Path, error: BaseException) -> None:
+    """The report of a run that raised, marked `interrupted` with the error; a failure here is logged, never raised
+    (it must not mask the training error)."""
+    try:
+        write_report(log_history, output_dir, interrupted=f"{type(error).__name__}: {error}"[:500])
+    except Exception as report_error:
+        logger.warning("Could not write the diagnostics report after the error: %s", report_error)
+
+
+def read_report(output_dir: str | Path) -> dict | None:
+    """The `diagnostics.json` a run wrote into `output_dir`, or `None` when there is none (the model card and
+    `compare` read it)."""
+    path = Path(output_dir) / REPORT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def rebuild_report(trainer_state: str | Path, output_dir: str | Path | None = None) -> dict:

@@ -3,7 +3,7 @@ losses' log-ratio and label weights."""
 
 from __future__ import annotations
 
-from .._lazy import torch
+from ._lazy import torch
 from ._types import PreferenceBatch, UnpairedBatch
 
 # The unpaired losses' hyperparameters (TRL's KTOConfig names): β and the desirable / undesirable weights λD, λU

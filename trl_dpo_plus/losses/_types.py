@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .._lazy import torch as _torch
+from ._lazy import torch as _torch
 
 if TYPE_CHECKING:
     import torch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._lazy import torch
+from ._lazy import torch
 from ._common import UNPAIRED_RANGES, dpo_rewards, label_weighted, logratios, unpaired_logratios
 from ._types import LossOutput, PreferenceBatch, UnpairedBatch, UnpairedLossOutput
 from .registry import register_loss

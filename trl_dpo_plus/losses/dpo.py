@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .._lazy import torch, F
+from ._lazy import torch, F
 from ._common import dpo_rewards, logratios, scores
 from ._types import LossOutput, PreferenceBatch
 from .registry import register_loss
@@ -126,6 +126,7 @@ def discopop(batch: PreferenceBatch, *, beta: float = 0.1, tau: float = 0.05) ->
     "aot",
     requires_reference=True,
     per_pair=False,
+    whole_batch=True,
     paper="https://arxiv.org/abs/2406.05882",
     ranges={"beta": "(0, inf)", "label_smoothing": "[0, 0.5)"},
 )
@@ -148,6 +149,7 @@ def aot(batch: PreferenceBatch, *, beta: float = 0.1, label_smoothing: float = 0
     "aot_unpaired",
     requires_reference=True,
     per_pair=False,
+    whole_batch=True,
     paper="https://arxiv.org/abs/2406.05882",
     ranges={"beta": "(0, inf)", "label_smoothing": "[0, 0.5)"},
 )

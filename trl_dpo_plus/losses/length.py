@@ -6,7 +6,7 @@ composes with every loss here.
 
 from __future__ import annotations
 
-from .._lazy import F
+from ._lazy import F
 from ._common import dpo_rewards, logratios, per_token, scores
 from ._types import LossOutput, PreferenceBatch
 from .registry import register_loss

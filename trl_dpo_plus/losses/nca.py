@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._lazy import F
+from ._lazy import F
 from ._common import dpo_rewards, logratios
 from ._types import LossOutput, PreferenceBatch
 from .registry import register_loss

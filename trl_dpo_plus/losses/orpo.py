@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .._lazy import torch, F
+from ._lazy import torch, F
 from ._common import per_token, sft_nll
 from ._types import LossOutput, PreferenceBatch
 from .registry import register_loss

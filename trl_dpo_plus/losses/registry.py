@@ -67,6 +67,7 @@ class LossSpec:
     paper: str | None = None
     ranges: Mapping[str, Interval] = field(default_factory=dict)
     data: str = "paired"
+    whole_batch: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -112,6 +113,7 @@ def register_loss(
     paper: str | None = None,
     ranges: Mapping[str, str] | None = None,
     data: str = "paired",
+    whole_batch: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Register `fn(batch: PreferenceBatch, *, beta, ...) -> LossOutput` under `name` (for `data="unpaired"`:
     `fn(batch: UnpairedBatch, *, beta, ...) -> UnpairedLossOutput`).
@@ -128,6 +130,8 @@ def register_loss(
         ranges: allowed values of keyword hyperparameters, e.g. `{"beta": "(0, inf)"}`.
         data: `"paired"` (prompt/chosen/rejected rows) or `"unpaired"` (prompt/completion/label rows); the trainer
             refuses a dataset of the other kind at preparation.
+        whole_batch: True for losses that sort or rank across the whole batch (aot): per-pair weights (WPO) cannot
+            apply to them, and on several processes each would see only its own pairs, so the trainer refuses both.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"Loss name {name!r} must be lowercase snake_case, e.g. 'my_loss'")
@@ -157,6 +161,7 @@ def register_loss(
             paper=paper,
             ranges=parsed,
             data=data,
+            whole_batch=whole_batch,
         )
         return fn
 

@@ -1,7 +1,7 @@
 """Modules imported on first use, so that `trl-dpo-plus --help` and `trl-dpo-plus losses` answer without loading
 torch (about 2 s on a small CPU machine).
 
-The loss modules write `from .._lazy import torch, F` where they would write `import torch` and
+The loss modules write `from ._lazy import torch, F` where they would write `import torch` and
 `import torch.nn.functional as F`; every use inside a loss is an attribute access, which imports the real module once.
 """
 

@@ -1,0 +1,130 @@
+"""Which layout runs: the shared-prefix layout where it is exact, else TRL's padded one, and why.
+
+`choose_layout` decides once, when the trainer is built, from the model and the config; `verify_first_batch` then
+checks the shared-prefix forward against the padded forward of the same pairs on the first batch and falls back
+(rebuilding the padded batch from the packed one) when a model does not honour the custom mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+
+from .forward import ForwardContext
+from .padded import PaddedPairCollator, PaddedPairLayout, UnpackedPaddedLayout, padded_tokens, unpack_to_padded
+from .shared_prefix import SharedPrefixCollator, SharedPrefixLayout
+
+logger = logging.getLogger(__name__)
+
+EXACT = "exact for this model (sdpa/eager attention, no sliding window)"
+
+
+def shared_prefix_blocker(model: torch.nn.Module, args, aux_loss_enabled: bool = False) -> str | None:
+    """Why the shared-prefix layout cannot be exact for this (unwrapped) model under `args`, or `None` when it can."""
+    config = model.config.get_text_config()
+    attn = getattr(model.config, "_attn_implementation", None)
+    window = getattr(config, "sliding_window", None)
+    if attn not in ("sdpa", "eager"):
+        return f"attn_implementation={attn!r} cannot take a custom 4D attention mask (sdpa and eager can)"
+    if window is not None and getattr(config, "use_sliding_window", True) and (
+        args.max_length is None or args.max_length > window
+    ):
+        return f"sliding-window attention (window {window}) with sequences up to max_length={args.max_length}"
+    if aux_loss_enabled:
+        return "the MoE load-balancing loss needs a 2D attention mask"
+    if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+        return "prompt-learning PEFT prepends virtual tokens"
+    return None
+
+
+def choose_layout(ctx: ForwardContext, model: torch.nn.Module, args, setup_blocker: str | None = None):
+    """`(layout, reason, collator)` for `args.pair_layout`; `collator` is `None` where TRL's own collator serves.
+
+    `setup_blocker` is a reason the run's setup (not the model) rules the shared-prefix layout out, e.g. a user's
+    `data_collator`. `pair_layout="shared_prefix"` raises where it cannot be exact; `"auto"` falls back, saying why.
+    """
+    blocker = None
+    if args.pair_layout != "padded":
+        blocker = setup_blocker or shared_prefix_blocker(ctx.unwrap(model), args, ctx.aux_loss_enabled)
+    if args.pair_layout == "shared_prefix" and blocker:
+        raise ValueError(f"pair_layout='shared_prefix' is not exact here: {blocker}. Use pair_layout='auto' or 'padded'.")
+    if args.pair_layout == "padded" or blocker:
+        if blocker:
+            logger.info("Pair layout: padded (TRL's), because %s", blocker)
+        collator = None
+        if args.truncation_mode == "keep_completions":
+            collator = PaddedPairCollator(pad_token_id=ctx.pad_token_id, max_length=args.max_length,
+                                          pad_to_multiple_of=args.pad_to_multiple_of)
+        return PaddedPairLayout(), blocker or "pair_layout='padded'", collator
+    collator = SharedPrefixCollator(
+        pad_token_id=ctx.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
+        packing_length=args.packing_budget, pad_to_multiple_of=args.pad_to_multiple_of,
+    )
+    return SharedPrefixLayout(), EXACT, collator
+
+
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module):
+    """Dropout probabilities set to 0 for the duration (TRL's `disable_dropout` does this for the whole run)."""
+    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    for module, _ in dropouts:
+        module.p = 0.0
+    try:
+        yield
+    finally:
+        for module, p in dropouts:
+            module.p = p
+
+
+def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, torch.Tensor], *,
+                       required: bool) -> tuple[Any, str | None, dict]:
+    """The shared-prefix forward of the first batch against the padded forward of the same pairs.
+
+    Returns `(layout, fallback_reason, check)`: the layout to train with (the given one, or the padded layout run on
+    the packed batches), the reason for a fallback (`None` when there is none), and the check's numbers. Models that
+    rebuild their own attention mask or ignore `position_ids` fail it; with `required=True`
+    (`pair_layout='shared_prefix'`) that raises instead of falling back.
+    """
+    unwrapped = ctx.unwrap(model)
+    with (
+        torch.no_grad(),
+        ctx.no_checkpointing(unwrapped),
+        dropout_off(unwrapped),  # not eval(): bitsandbytes repacks 4-bit weights for its CPU inference kernel
+    ):
+        padded = PaddedPairLayout().policy_forward(ctx, model, unpack_to_padded(inputs, ctx.pad_token_id))
+        failure = None
+        try:
+            shared = layout.policy_forward(ctx, model, inputs)
+        except Exception as err:  # a model that builds its own mask from a 2D one (e.g. Bloom's ALiBi)
+            failure = f"{type(err).__name__}: {err}"
+    # Half precision (bf16/fp16 weights or autocast, also when `accelerate launch` sets it) rounds a log-prob of
+    # -15 by up to ~0.06, so there the bound grows with the log-prob's size; a wrong mask is off by whole nats.
+    half = ctx.half_precision or unwrapped.get_input_embeddings().weight.dtype != torch.float32
+    tolerance, relative = (5e-2, 1e-2) if half else (1e-4, 0.0)
+    error, excess = torch.tensor(float("inf")), torch.tensor(float("inf"))
+    if failure is None and torch.equal(shared.lengths, padded.lengths):
+        theirs = padded_tokens(padded)
+        width = min(theirs.size(1), shared.mask.size(1))
+        mask = shared.mask[:, :width]
+        diff = (shared.per_token_logps[:, :width] - theirs[:, :width]).abs() * mask
+        error = diff.max()
+        excess = (diff - relative * theirs[:, :width].abs() * mask).max()
+    device = padded.logps.device
+    error, excess = ctx.gather(torch.stack([error, excess]).float().reshape(1, 2).to(device)).max(dim=0).values.tolist()
+    check = {"max_abs_token_logp_error": error, "tolerance": tolerance, "relative_tolerance": relative}
+    if excess <= tolerance:
+        logger.info("Pair layout: shared_prefix, checked on the first batch (per-token log-prob error %.1e)", error)
+        return layout, None, check
+    if failure is not None:
+        reason = f"the model's forward fails with a 4D attention mask ({failure[:200]})"
+    else:
+        reason = (f"its per-token log-probs differ from the padded forward by up to {error:.3g} on the first batch "
+                  "(the model does not honour a custom 4D attention mask with position_ids)")
+    if required:
+        raise RuntimeError(f"pair_layout='shared_prefix' is not exact for this model: {reason}. Use pair_layout='padded'.")
+    logger.warning("Pair layout: falling back to padded (TRL's), because %s", reason)
+    return UnpackedPaddedLayout(), reason, check
