@@ -23,15 +23,17 @@ divided by this machine's measured matmul rate. Ratios are what to read; absolut
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import torch
@@ -44,13 +46,46 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 import trl_dpo_plus
 
 HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless" / "train.jsonl"
-CONFIGS = {  # name: (batch, max_length, short prompts, lora)
-    "b8-L1024": (8, 1024, False, False),
-    "b4-L512": (4, 512, False, False),
-    "b4-L512-short": (4, 512, True, False),
-    "b4-L512-lora": (4, 512, False, True),
+VOCAB = 32000
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A random-init Llama: `head` is head-heavy like the original benchmark's (LM head 12.3 M of 34 M parameters),
+    `body` is body-heavy like real LLMs (body 62.9 M : LM head 24.6 M ≈ 2.6 : 1, as in Qwen2.5-0.5B)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+SHAPES = {"head": Shape(384, 6, 6, 2, 1024), "body": Shape(768, 10, 12, 4, 2048)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch: int
+    max_length: int
+    prompts: str = "full"  # "full" HH prompts, "short" (their last 16 words) or "long" (dialogues joined, 2-4k tokens)
+    lora: bool = False
+    shape: str = "head"
+
+
+CONFIGS = {
+    "b8-L1024": Config(8, 1024),
+    "b4-L512": Config(4, 512),
+    "b4-L512-short": Config(4, 512, "short"),
+    "b4-L512-lora": Config(4, 512, lora=True),
+    "body-b4-L512": Config(4, 512, shape="body"),
+    "body-b8-L1024": Config(8, 1024, shape="body"),
+    "body-b4-L512-short": Config(4, 512, "short", shape="body"),
+    "body-long-b2-L4096": Config(2, 4096, "long", shape="body"),
 }
-VARIANTS = ("trl", "plus")
+# "trl": trl.DPOTrainer as it runs here; "trl-gpu": with its fused LM head's compact path forced on (scoring completion
+# positions only), as it runs on CUDA and XPU; "plus": trl_dpo_plus.DPOTrainer
+VARIANTS = ("trl", "trl-gpu", "plus")
 
 
 class StepTimer(TrainerCallback):
@@ -68,10 +103,21 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def load_pairs(short: bool) -> Dataset:
+def load_pairs(prompts: str = "full") -> Dataset:
+    """HH-RLHF harmless pairs. `long`: each prompt is the dialogues of consecutive pairs joined in front of the pair's
+    own (about 12k-14k characters, 2-4k tokens with the benchmark's tokenizer), for where attention matters."""
     rows = [json.loads(line) for line in HH.read_text().splitlines()]
-    if short:
+    if prompts == "short":
         rows = [{**r, "prompt": " ".join(r["prompt"].split()[-16:])} for r in rows]
+    elif prompts == "long":
+        joined = []
+        for i, row in enumerate(rows):
+            context, j = [], i
+            while sum(map(len, context)) < 12000:
+                j = (j + 1) % len(rows)
+                context.append(rows[j]["prompt"] + rows[j]["chosen"])
+            joined.append({**row, "prompt": "".join(context) + row["prompt"]})
+        rows = joined
     return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
 
@@ -92,30 +138,63 @@ def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_model(path: Path, tokenizer) -> int:
-    config = LlamaConfig(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def make_model(path: Path, tokenizer, shape: Shape) -> int:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, max_position_embeddings=8192, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
 
 
+_MODELS: dict[str, tuple[str, int]] = {}
+
+
+def prepare_model(shape: str) -> str:
+    """The shape's model and the tokenizer, saved once per process; returns the folder."""
+    if shape not in _MODELS:
+        path = Path(tempfile.mkdtemp())
+        tokenizer = make_tokenizer(path)
+        _MODELS[shape] = (str(path), make_model(path, tokenizer, SHAPES[shape]))
+    return _MODELS[shape][0]
+
+
+@contextlib.contextmanager
+def variant_context(variant: str):
+    """For `trl-gpu`, TRL's fused LM head takes its compact path (completion positions only), as on CUDA/XPU."""
+    if variant != "trl-gpu":
+        yield
+        return
+    from trl.trainer import utils as trl_utils
+
+    with mock.patch.object(trl_utils, "_use_triton", lambda device: True):
+        yield
+
+
 def build(variant: str, model_path: str, data: Dataset, config_name: str, steps: int, seed: int = 0):
-    batch, max_length, _, lora = CONFIGS[config_name]
-    trainer_cls, config_cls = (trl.DPOTrainer, trl.DPOConfig) if variant == "trl" else (
-        trl_dpo_plus.DPOTrainer, trl_dpo_plus.DPOConfig)
+    config = CONFIGS[config_name]
+    trainer_cls, config_cls = (trl_dpo_plus.DPOTrainer, trl_dpo_plus.DPOConfig) if variant == "plus" else (
+        trl.DPOTrainer, trl.DPOConfig)
     cuda = torch.cuda.is_available()
-    config = config_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
-                        learning_rate=1e-5, use_cpu=not cuda, bf16=cuda, report_to=[], save_strategy="no",
-                        logging_steps=1, disable_tqdm=True, seed=seed, data_seed=seed, max_length=max_length,
-                        dataloader_drop_last=True, **({} if variant == "trl" else {"diagnostics": False}))
-    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0) if lora else None
-    trainer = trainer_cls(model_path, args=config, train_dataset=data, peft_config=peft_config)
+    args = config_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=config.batch, max_steps=steps,
+                      learning_rate=1e-5, use_cpu=not cuda, bf16=cuda, report_to=[], save_strategy="no",
+                      logging_steps=1, disable_tqdm=True, seed=seed, data_seed=seed, max_length=config.max_length,
+                      dataloader_drop_last=True, **({"diagnostics": False} if variant == "plus" else {}))
+    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0) if config.lora else None
+    trainer = trainer_cls(model_path, args=args, train_dataset=data, peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def quiet() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    if not HH.exists():
+        sys.exit(f"needs the HH-RLHF pairs at {HH} (../shared/data beside the checkout)")
 
 
 def matmul_rate() -> float:
@@ -136,18 +215,28 @@ def matmul_rate() -> float:
     return 2 * 2048**3 / best
 
 
-def floor_flops(trainer, model_params: int, vocab: int, hidden: int, steps: int) -> float:
-    """Least arithmetic per step: 8·N_body·T (policy fwd+bwd, reference fwd) + 8·V·H·C (LM head at completion
-    tokens), T = real tokens with the prompt once, C = completion tokens, averaged over the first `steps` batches."""
-    body = model_params - 2 * vocab * hidden
+def batch_counts(trainer, steps: int) -> dict[str, float]:
+    """Mean per batch over the first `steps` batches of our run: real tokens with the prompt counted once, completion
+    tokens, and the row slots (rows × width) of the batch the model runs."""
     loader = iter(trainer.get_train_dataloader())
-    totals = []
+    counts = []
     for _ in range(steps):
         batch = next(loader)
-        tokens = int((batch["pair_ids"] >= 0).sum())
-        completion = int(batch["gather_index"].numel())
-        totals.append(8 * body * tokens + 8 * vocab * hidden * completion)
-    return statistics.mean(totals)
+        counts.append((int((batch["pair_ids"] >= 0).sum()), int(batch["gather_index"].numel()),
+                       int(batch["input_ids"].numel())))
+    return {key: statistics.mean(c[i] for c in counts) for i, key in enumerate(("tokens", "completion", "slots"))}
+
+
+def trl_slots(trainer, steps: int) -> float:
+    """Mean row slots (2B × the longest sequence) of TRL's padded batches."""
+    loader = iter(trainer.get_train_dataloader())
+    return statistics.mean(int(next(loader)["input_ids"].numel()) for _ in range(steps))
+
+
+def floor_flops(counts: dict, body_params: int, hidden: int) -> float:
+    """Least arithmetic per step: 8·N_body·T (policy forward + backward, reference forward) + 8·V·H·C (the LM head
+    at completion tokens), T = real tokens with the prompt counted once, C = completion tokens."""
+    return 8 * body_params * counts["tokens"] + 8 * VOCAB * hidden * counts["completion"]
 
 
 def peak_memory(variant: str, model_path: str, config_name: str, steps: int) -> float:
@@ -163,87 +252,100 @@ def vm_hwm_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def compare(config_name: str, model_path: str, model_params: int, rounds: int, steps: int) -> dict:
-    short = CONFIGS[config_name][2]
-    data = load_pairs(short)
-    times = {v: [] for v in VARIANTS}
-    round_ratios, losses, tokens = [], {}, {}
+def compare(config_name: str, rounds: int, steps: int, variants=VARIANTS) -> dict:
+    config = CONFIGS[config_name]
+    model_path = prepare_model(config.shape)
+    shape = SHAPES[config.shape]
+    params = _MODELS[config.shape][1]
+    data = load_pairs(config.prompts)
+    times = {v: [] for v in variants}
+    round_ratios = {v: [] for v in variants if v != "plus"}
+    losses, extra = {}, {}
     for r in range(rounds):
         medians = {}
-        for variant in VARIANTS:
+        for variant in variants:
             trainer = build(variant, model_path, data, config_name, steps)
             timer = StepTimer()
             trainer.add_callback(timer)
-            trainer.train()
+            if r == 0:
+                extra[variant] = batch_counts(trainer, steps) if variant == "plus" else {"slots": trl_slots(trainer,
+                                                                                                          steps)}
+                if variant == "plus":
+                    extra["layout"] = f"{trainer.layout.name} ({getattr(trainer.layout, 'attention', '-')})"
+            with variant_context(variant):
+                trainer.train()
             logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
             if r == 0:
                 losses[variant] = [h["loss"] for h in logs]
-                tokens[variant] = logs[-1]["num_tokens"] / len(logs)
-                if variant == "plus":
-                    layout = trainer.layout.name
-                    floor = floor_flops(trainer, model_params, 32000, 384, steps)
             times[variant] += timer.times[1:]
             medians[variant] = statistics.median(timer.times[1:])
             del trainer
-        round_ratios.append(medians["trl"] / medians["plus"])
+        for variant in round_ratios:
+            round_ratios[variant].append(medians[variant] / medians["plus"])
     median = {v: statistics.median(t) for v, t in times.items()}
-    memory = {v: peak_memory(v, model_path, config_name, 2) for v in VARIANTS}
+    memory = {v: peak_memory(v, model_path, config_name, 2) for v in variants}
+    body = params - 2 * VOCAB * shape.hidden
+    counts = extra["plus"]
     return {
-        "config": config_name, "layout": layout,
-        "step_s": median, "speedup": median["trl"] / median["plus"],
-        "speedup_rounds": [round(x, 3) for x in round_ratios],
-        "tokens_per_s": {v: tokens[v] / median[v] for v in VARIANTS},
-        "peak_mib": memory, "memory_ratio": memory["plus"] / memory["trl"],
-        "max_loss_diff": max(abs(a - b) for a, b in zip(losses["trl"], losses["plus"])),
-        "losses": losses, "floor_flops": floor,
+        "config": config_name, "shape": config.shape, "params_m": params / 1e6, "body_m": body / 1e6,
+        "head_m": VOCAB * shape.hidden / 1e6, "layout": extra["layout"], "step_s": median,
+        "speedup": {v: median[v] / median["plus"] for v in round_ratios},
+        "speedup_rounds": {v: [round(x, 3) for x in xs] for v, xs in round_ratios.items()},
+        "peak_mib": memory, "memory_ratio": {v: memory["plus"] / memory[v] for v in round_ratios},
+        "max_loss_diff": {v: max(abs(a - b) for a, b in zip(losses[v], losses["plus"])) for v in round_ratios},
+        "losses": losses, "slots": {v: extra[v]["slots"] for v in variants},
+        "real_tokens": counts["tokens"], "floor_flops": floor_flops(counts, body, shape.hidden),
     }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--rounds", type=int, default=3, help="A/B blocks per variant")
-    parser.add_argument("--steps", type=int, default=4, help="steps per block (the first is warm-up)")
+    parser.add_argument("--configs", nargs="+", default=["body-b4-L512", "body-b8-L1024", "body-b4-L512-short",
+                                                         "body-long-b2-L4096", "b8-L1024", "b4-L512"],
+                        choices=list(CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=2, help="A/B blocks per variant")
+    parser.add_argument("--steps", type=int, default=3, help="steps per block (the first is warm-up)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--_memory_child")
     parser.add_argument("--_model")
     args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    if not HH.exists():
-        sys.exit(f"needs the HH-RLHF pairs at {HH} (../shared/data beside the checkout)")
+    quiet()
 
     if args._memory_child:  # child process: one short training run, then report peak memory
         config_name = args.configs[0]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        build(args._memory_child, args._model, load_pairs(CONFIGS[config_name][2]), config_name, args.steps).train()
+        with variant_context(args._memory_child):
+            build(args._memory_child, args._model, load_pairs(CONFIGS[config_name].prompts), config_name,
+                  args.steps).train()
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else vm_hwm_mib()
         print(json.dumps({"peak_mib": peak}))
         return
 
-    model_path = Path(tempfile.mkdtemp())
-    tokenizer = make_tokenizer(model_path)
-    params = make_model(model_path, tokenizer)
     rate = matmul_rate()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"model: random-init Llama, {params / 1e6:.1f} M parameters, vocab 32000 (BPE trained on the pairs); {device}")
-    print(f"trl {trl.__version__} vs trl_dpo_plus {trl_dpo_plus.__version__} (sigmoid, defaults); "
+    print(f"trl {trl.__version__} vs trl_dpo_plus {trl_dpo_plus.__version__} (sigmoid, defaults) on {device}; "
           f"{args.rounds} alternating blocks of {args.steps} steps; matmul rate {rate / 1e9:.0f} GFLOP/s")
+    print("variants: trl = trl.DPOTrainer as it runs here; trl-gpu = with its fused LM head's compact path forced on, "
+          "as on CUDA/XPU; ours = trl_dpo_plus.DPOTrainer")
     results = []
-    print(f"\n{'config':<15} {'layout':<14} {'speedup':>8} {'per round':>20} {'tok/s TRL→ours':>18} "
-          f"{'peak mem':>9} {'loss diff':>10} {'floor/ours':>10}")
+    others = [v for v in args.variants if v != "plus"]
+    print(f"\n{'config':<20} {'layout':<26} " + " ".join(f"{'vs ' + v:>16}" for v in others)
+          + f" {'mem vs trl-gpu':>14} {'loss diff':>9} {'slots trl/ours':>14} {'floor/ours':>10}")
     for name in args.configs:
-        res = compare(name, str(model_path), params, args.rounds, args.steps)
+        res = compare(name, args.rounds, args.steps, args.variants)
         res["floor_s"] = res["floor_flops"] / rate
         results.append(res)
-        rounds = ", ".join(f"{x:.2f}" for x in res["speedup_rounds"])
-        print(f"{name:<15} {res['layout']:<14} {res['speedup']:>7.2f}x {rounds:>20} "
-              f"{res['tokens_per_s']['trl']:>8.0f}→{res['tokens_per_s']['plus']:<8.0f} {res['memory_ratio']:>8.2f}x "
-              f"{res['max_loss_diff']:>10.1e} {res['floor_s'] / res['step_s']['plus']:>9.2f}", flush=True)
-    print("(speedup: TRL's median step time / ours; peak mem: ours / TRL's; loss diff: max over steps of |loss ours − "
-          "TRL| on the same pairs; floor/ours: the floor's time / our step time, 1.0 = no waste)")
+        cells = " ".join(f"{res['speedup'][v]:>6.2f}x ({'/'.join(f'{x:.2f}' for x in res['speedup_rounds'][v])})"
+                         .rjust(16) for v in others)
+        base = "trl-gpu" if "trl-gpu" in others else others[0]
+        print(f"{name:<20} {res['layout']:<26} {cells} {res['memory_ratio'][base]:>13.2f}x "
+              f"{max(res['max_loss_diff'].values()):>9.1e} {res['slots'][base] / res['slots']['plus']:>13.2f}x "
+              f"{res['floor_s'] / res['step_s']['plus']:>10.2f}", flush=True)
+    print("(vs X: X's median step time / ours, per round in brackets; mem: our peak / X's; loss diff: max over steps "
+          "of |loss ours − X| on the same pairs; slots: rows × width of the batch the model runs; floor/ours: the "
+          "floor's time / our step time, 1.0 = no waste)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

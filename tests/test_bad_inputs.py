@@ -41,7 +41,9 @@ CONFIG = {  # id: (config kwargs, words the message must contain: the problem, t
     "sync ref with lora": ({"lora": True, "sync_ref_model": True}, ["cannot be synced", "sync_ref_model=False"]),
     "qlora and lora": ({"qlora": True, "lora": True}, ["not both"]),
     "diagnostics action": ({"diagnostics_action": "explode"}, ["'explode'", "'warn', 'stop' or 'checkpoint'"]),
-    "pair layout": ({"pair_layout": "packed"}, ["pair_layout='packed'", "'shared_prefix'"]),
+    "pair layout": ({"pair_layout": "unpadded"}, ["pair_layout='unpadded'", "'shared_prefix'", "'packed'"]),
+    "prefix attention": ({"shared_prefix_attention": "flash"}, ["shared_prefix_attention='flash'", "'segments'",
+                                                               "'dense_mask'"]),
     "truncation mode": ({"truncation_mode": "keep_middle"}, ["'keep_middle'", "keep_completions"]),
     "max_length zero": ({"max_length": 0}, ["max_length=0", "at least 2", "None"]),
     "max_length negative": ({"max_length": -5}, ["max_length=-5", "at least 2"]),
@@ -171,7 +173,7 @@ def test_token_ids_outside_the_vocabulary(tiny_models, tmp_path):
 
 def test_forcing_the_shared_layout_where_it_cannot_be_exact(tiny_models, tokenizer, tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), report_to=[], pair_layout="shared_prefix",
-                     model_init_kwargs={"attn_implementation": "flex_attention"})
+                     shared_prefix_attention="dense_mask", model_init_kwargs={"attn_implementation": "flex_attention"})
     with pytest.raises(ValueError, match="not exact here.*pair_layout='auto' or 'padded'"):
         DPOTrainer(tiny_models["llama"], args=args, train_dataset=make_pairs(4), processing_class=tokenizer)
 

@@ -142,13 +142,17 @@ def token_error(trainer):
     return ((shared.per_token_logps[:, :width] - theirs) * shared.mask[:, :width]).abs().max().item()
 
 
+@pytest.mark.parametrize("attention", ["segments", "dense_mask"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_per_token_logps_equal_the_padded_forward(family, attn, tokenizer, tmp_path):
+def test_per_token_logps_equal_the_padded_forward(family, attn, attention, tokenizer, tmp_path):
+    """Both attention paths of the shared-prefix layout; the segment attention is the default ('auto')."""
     trainer = trainer_for(tiny_model(tmp_path, tokenizer, family, attn), tokenizer, tmp_path,
-                          model_init_kwargs={"attn_implementation": attn})
-    assert trainer.model.config._attn_implementation == attn
-    assert trainer.layout.name == "shared_prefix"
+                          model_init_kwargs={"attn_implementation": attn},
+                          **({} if attention == "segments" else {"shared_prefix_attention": attention}))
+    expected = f"dpo_plus_{attn}" if attention == "segments" else attn  # the segment path wraps the original
+    assert trainer.model.config._attn_implementation == expected
+    assert trainer.layout.name == "shared_prefix" and trainer.layout.attention == attention
     assert token_error(trainer) <= 1e-5
 
 
@@ -157,7 +161,7 @@ def test_eager_attention_needs_an_additive_mask(tokenizer, tmp_path, monkeypatch
     import trl_dpo_plus.layout.shared_prefix as layout
 
     trainer = trainer_for(tiny_model(tmp_path, tokenizer, "llama", "eager"), tokenizer, tmp_path,
-                          model_init_kwargs={"attn_implementation": "eager"})
+                          model_init_kwargs={"attn_implementation": "eager"}, shared_prefix_attention="dense_mask")
     assert trainer.model.config._attn_implementation == "eager"
     assert token_error(trainer) <= 1e-5
     monkeypatch.setattr(layout, "shared_prefix_mask", lambda p, b, attn, dtype: shared_prefix_mask(p, b, "sdpa", dtype))
@@ -204,22 +208,65 @@ def test_every_loss_trains_the_same_step_in_both_layouts(loss, tiny_models, toke
 
 
 # -- where it cannot be exact: the padded layout, and the reason ---------------------------------------------------
-def test_sliding_window_shorter_than_max_length_falls_back(tokenizer, tmp_path, caplog):
-    model = tiny_model(tmp_path, tokenizer, "mistral", "sdpa", sliding_window=32)
+def test_sliding_window_is_exact_with_segments_and_falls_back_with_a_dense_mask(tokenizer, tmp_path, caplog):
+    """A window of 8 tokens bites inside these ~30-token sequences: the segment attention applies it per segment
+    (equal to the padded forward, which applies the model's own sliding-window mask); the dense mask cannot, so
+    there the run falls back to the padded layout and says why."""
+    model = tiny_model(tmp_path, tokenizer, "mistral", "sdpa", sliding_window=8)
+    trainer = trainer_for(model, tokenizer, tmp_path, max_length=64)
+    assert trainer.layout.name == "shared_prefix" and trainer.layout.attention == "segments"
+    assert token_error(trainer) <= 1e-5
+    # and the window really bites on these pairs: the same weights without it give other log-probs
+    windowless = trainer_for(model, tokenizer, tmp_path, max_length=64, model_init_kwargs={"sliding_window": None})
+    assert windowless.model.config.sliding_window is None
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        with_window, without = (t.layout.policy_forward(t.forward_context, t.model, batch).logps
+                                for t in (trainer, windowless))
+    assert (with_window - without).abs().max() > 1e-3
     with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
-        trainer = trainer_for(model, tokenizer, tmp_path, max_length=64)
-    assert trainer.layout.name == "padded" and "sliding-window" in trainer.layout_reason
+        dense = trainer_for(model, tokenizer, tmp_path, max_length=64, shared_prefix_attention="dense_mask")
+    assert dense.layout.name == "padded" and "sliding-window" in dense.layout_reason
     assert "Pair layout: padded" in caplog.text
-    # a window no shorter than max_length never bites: the shared layout is exact there
-    assert trainer_for(model, tokenizer, tmp_path, max_length=32).layout.name == "shared_prefix"
+    # a window no shorter than max_length never bites: the dense mask is exact there
+    wide = tiny_model(tmp_path / "wide", tokenizer, "mistral", "sdpa", sliding_window=64)
+    assert trainer_for(wide, tokenizer, tmp_path, max_length=64, shared_prefix_attention="dense_mask").layout.name == \
+        "shared_prefix"
     with pytest.raises(ValueError, match="sliding-window"):
-        trainer_for(model, tokenizer, tmp_path, max_length=64, pair_layout="shared_prefix")
+        trainer_for(model, tokenizer, tmp_path, max_length=64, pair_layout="shared_prefix",
+                    shared_prefix_attention="dense_mask")
 
 
-def test_attention_without_custom_masks_falls_back(tiny_models, tokenizer, tmp_path):
+def test_flex_attention_trains_through_the_segment_path(tiny_models, tokenizer, tmp_path):
+    """flex_attention takes no custom 4D mask and has no backward on the CPU; the segment attention serves it (with
+    the sdpa kernel), exactly, and trains. With the dense mask only, it falls back to the padded layout."""
     trainer = trainer_for(tiny_models["llama"], tokenizer, tmp_path,
                           model_init_kwargs={"attn_implementation": "flex_attention"})
-    assert trainer.layout.name == "padded" and "flex_attention" in trainer.layout_reason
+    assert trainer.layout.name == "shared_prefix" and trainer.layout.attention == "segments"
+    assert trainer.model.config._attn_implementation == "dpo_plus_flex_attention"
+    assert token_error(trainer) <= 1e-5
+    trainer.train()
+    assert trainer.state.log_history[0]["grad_norm"] > 0
+    dense = trainer_for(tiny_models["llama"], tokenizer, tmp_path / "dense", shared_prefix_attention="dense_mask",
+                        model_init_kwargs={"attn_implementation": "flex_attention"})
+    assert dense.layout.name == "padded" and "flex_attention" in dense.layout_reason
+
+
+def test_an_attention_the_segment_path_cannot_serve_falls_back(tiny_models, tokenizer, tmp_path):
+    """A user-registered attention implementation has no segment kernel and takes no known mask: padded, with why;
+    asking for segments explicitly fails when the trainer is built."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("my_attention", sdpa_attention_forward)
+    AttentionMaskInterface.register("my_attention", sdpa_mask)
+    trainer = trainer_for(tiny_models["llama"], tokenizer, tmp_path,
+                          model_init_kwargs={"attn_implementation": "my_attention"})
+    assert trainer.layout.name == "padded" and "my_attention" in trainer.layout_reason
+    with pytest.raises(ValueError, match="shared_prefix_attention='segments' cannot serve"):
+        trainer_for(tiny_models["llama"], tokenizer, tmp_path, shared_prefix_attention="segments",
+                    model_init_kwargs={"attn_implementation": "my_attention"})
 
 
 def test_a_model_that_builds_its_own_mask_is_caught_on_the_first_batch(tokenizer, tmp_path, caplog):
@@ -298,10 +345,12 @@ def test_keep_completions_keeps_every_pair_and_both_layouts_agree(layout, tiny_m
 
 def test_bad_layout_settings_fail_when_the_config_is_built():
     with pytest.raises(ValueError, match="pair_layout"):
-        DPOConfig(output_dir="x", pair_layout="packed")
+        DPOConfig(output_dir="x", pair_layout="unpadded")
     with pytest.raises(ValueError, match="keep_completions"):
         DPOConfig(output_dir="x", truncation_mode="keep_middle")
     with pytest.raises(ValueError, match="max_length"):
         DPOConfig(output_dir="x", max_length=0)
     with pytest.raises(ValueError, match="packing_length"):
         DPOConfig(output_dir="x", packing_length=-1)
+    with pytest.raises(ValueError, match="shared_prefix_attention"):
+        DPOConfig(output_dir="x", shared_prefix_attention="dense")

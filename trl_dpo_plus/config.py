@@ -28,7 +28,8 @@ SHARED_LOSS_FIELDS = {
 }
 
 
-PAIR_LAYOUTS = ("auto", "shared_prefix", "padded")
+PAIR_LAYOUTS = ("auto", "shared_prefix", "packed", "padded")
+PREFIX_ATTENTION = ("auto", "segments", "dense_mask")
 
 _cpu_notice_given = False
 
@@ -85,10 +86,18 @@ class DPOPlusConfig(DPOConfig):
         pair_layout (`str`, *optional*, defaults to `"auto"`):
             How pairs are laid out for the forward. `"shared_prefix"`: each prompt computed once for both completions,
             pairs packed without padding, the LM head run only where a completion token is predicted (equal to the
-            padded layout to float rounding, several times faster on long prompts). `"padded"`: TRL's layout, for
-            exact parity with `trl.DPOTrainer`. `"auto"`: `"shared_prefix"` where it is exact (sdpa or eager
-            attention, no active sliding window, no MoE aux loss, no prompt-learning PEFT; checked against the padded
-            forward on the first batch), else `"padded"` with one log line saying why.
+            padded layout to float rounding). `"packed"`: padding-free packing of the two whole sequences of each pair
+            (the prompt not shared), for where sharing cannot be exact. `"padded"`: TRL's layout, for exact parity
+            with `trl.DPOTrainer`. `"auto"`: `"shared_prefix"` where it is exact (checked against the padded forward
+            on the first batch), else `"packed"` (a MoE load-balancing loss) or `"padded"` with one log line saying
+            why (prompt-learning PEFT, a user's data_collator or compute_metrics, vision data, and, without the
+            segment attention, attention other than sdpa/eager or a sliding window shorter than max_length).
+        shared_prefix_attention (`str`, *optional*, defaults to `"auto"`):
+            The attention of the shared-prefix and packed layouts. `"segments"`: per-segment attention registered in
+            Transformers' `AttentionInterface` (`trl_dpo_plus.layout.segments`): no `L × L` mask is built, sdpa or eager
+            per segment on any device, one varlen flash call on CUDA, sliding windows too. `"dense_mask"`: a
+            `(rows, 1, L, L)` mask, for sdpa and eager models. `"auto"`: segments where the model's attention goes
+            through the interface, else the dense mask.
         reference_cache_dir (`str` or `None`, *optional*, defaults to `None`):
             Folder where each split's reference log-probs are written once, keyed by a fingerprint of the reference
             weights, tokenizer, prepared token ids, truncation settings and layout (`trl_dpo_plus.reference_cache`).
@@ -96,8 +105,9 @@ class DPOPlusConfig(DPOConfig):
             back and runs no reference forward; a changed input is recomputed with one log line. Implies
             `precompute_ref_log_probs=True`.
         packing_length (`int` or `None`, *optional*, defaults to `None`):
-            Token budget of one packed row in the shared-prefix layout (a longer pair gets a row of its own); `None`
-            means `max_length` (1024 when that is `None`), 0 puts one pair per row.
+            Token budget of one packed row in the shared-prefix and packed layouts (a longer pair gets a row of its
+            own); 0 puts one pair per row. `None`: the whole batch in one row with the segment attention (whose cost
+            does not grow with the row), `max_length` (1024 when that is `None`) with the dense mask.
         desirable_weight, undesirable_weight (`float`, *optional*, default to `1.0`):
             λD and λU of the unpaired losses (`kto`, `apo_zero_unpaired`), as in TRL's `KTOConfig`: the losses of
             desirable / undesirable completions are weighted by them, to balance unequal counts.
@@ -189,7 +199,8 @@ class DPOPlusConfig(DPOConfig):
         default="auto",
         metadata={"help": "How pairs are laid out for the forward: 'shared_prefix' (prompt computed once, packed, LM head "
                   "at completion tokens only), 'padded' (TRL's layout, exact parity), or 'auto' (shared_prefix where it "
-                  "is exact, else padded with a log line).", "choices": ["auto", "shared_prefix", "padded"]},
+                  "is exact, else packed (padding-free, prompt not shared) or padded with a log line).",
+                  "choices": list(PAIR_LAYOUTS)},
     )
     desirable_weight: float = field(
         default=1.0,
@@ -219,8 +230,16 @@ class DPOPlusConfig(DPOConfig):
     )
     packing_length: int | None = field(
         default=None,
-        metadata={"help": "Token budget of one packed row in the shared-prefix layout; default max_length (1024 when "
-                  "max_length is None); 0 puts one pair per row."},
+        metadata={"help": "Token budget of one packed row in the shared-prefix and packed layouts; default: the whole "
+                  "batch in one row with the segment attention, max_length (1024 when None) with a dense mask; 0 puts "
+                  "one pair per row."},
+    )
+    shared_prefix_attention: str = field(
+        default="auto",
+        metadata={"help": "Attention of the shared-prefix and packed layouts: 'segments' (per-segment attention, no "
+                  "L×L mask: sdpa/eager per segment, one varlen flash call on CUDA), 'dense_mask' (a 4D mask, sdpa or "
+                  "eager), or 'auto' (segments where the model's attention goes through Transformers' "
+                  "AttentionInterface, else the dense mask).", "choices": list(PREFIX_ATTENTION)},
     )
     # Set by the config itself (read-only): how unset fields were resolved, so that a copy for another loss (compare)
     # resolves them again for that loss
@@ -237,6 +256,9 @@ class DPOPlusConfig(DPOConfig):
         self._select_device()
         if self.pair_layout not in PAIR_LAYOUTS:
             raise ValueError(f"pair_layout={self.pair_layout!r}: choose one of {list(PAIR_LAYOUTS)}")
+        if self.shared_prefix_attention not in PREFIX_ATTENTION:
+            raise ValueError(f"shared_prefix_attention={self.shared_prefix_attention!r}: choose one of "
+                             f"{list(PREFIX_ATTENTION)}")
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(
                 f"truncation_mode={self.truncation_mode!r}: choose 'keep_start' (TRL's default), 'keep_end', or "
@@ -413,13 +435,6 @@ class DPOPlusConfig(DPOConfig):
         logger.info(
             "No GPU found: training on the CPU (use_cpu=True) in %s.", "bfloat16 mixed precision" if self.bf16 else "float32"
         )
-
-    @property
-    def packing_budget(self) -> int:
-        """The token budget of one packed row (see `packing_length`)."""
-        if self.packing_length is not None:
-            return self.packing_length
-        return self.max_length if self.max_length is not None else 1024
 
     @property
     def requires_reference(self) -> bool:

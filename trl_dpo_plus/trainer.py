@@ -167,7 +167,8 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
         setup = ("vision-language data" if self._is_vision_dataset else
                  "a data_collator was passed to the trainer" if self._user_collator else
                  "compute_metrics needs the padded logits" if self._has_compute_metrics else None)
-        self.layout, self.layout_reason, collator = choose_layout(self.forward_context, self.model, self.args, setup)
+        ctx, model = self.forward_context, self.model
+        self.layout, self.layout_reason, collator = choose_layout(ctx, model, self.args, setup, self.ref_model)
         if not self._user_collator:
             self.data_collator = self.kind.wrap_collator(collator or self.data_collator)
 
@@ -334,8 +335,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             yield
 
     def _exo_pair_checked_at_its_epsilon(self, args):
-        """TRL's `__init__` refuses `exo_pair` while `label_smoothing` is 0, its config default; the registry's
-        `exo_pair` runs at its own ε (1e-3 unless `loss_kwargs` say otherwise), so TRL checks that ε."""
+        """TRL's `__init__` refuses `exo_pair` at `label_smoothing=0` (its default); TRL checks the ε ours runs with."""
         eps = next((kw["label_smoothing"] for s, kw in zip(self.loss_specs, self.loss_kwargs) if s.name == "exo_pair"),
                    None)
         if eps is None or args.label_smoothing != 0.0:

@@ -22,7 +22,15 @@ from .padded import (
     padded_tokens,
     unpack_to_padded,
 )
-from .shared_prefix import SharedPrefixCollator, SharedPrefixLayout, plan_rows, scatter_tokens, shared_prefix_mask
+from .segments import SegmentPlan
+from .shared_prefix import (
+    PackedLayout,
+    SharedPrefixCollator,
+    SharedPrefixLayout,
+    plan_rows,
+    scatter_tokens,
+    shared_prefix_mask,
+)
 from .truncation import TRUNCATION_MODES, is_truncated, truncate_pair, truncate_sequences
 
 __all__ = [
@@ -30,9 +38,11 @@ __all__ = [
     "TOKEN_FIELDS",
     "TRUNCATION_MODES",
     "ForwardContext",
+    "PackedLayout",
     "PaddedPairCollator",
     "PaddedPairLayout",
     "PolicyForward",
+    "SegmentPlan",
     "SharedPrefixCollator",
     "SharedPrefixLayout",
     "UnpackedPaddedLayout",

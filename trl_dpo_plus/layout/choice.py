@@ -16,55 +16,104 @@ from accelerate.utils import is_peft_model
 
 from .forward import ForwardContext
 from .padded import PaddedPairCollator, PaddedPairLayout, UnpackedPaddedLayout, padded_tokens, unpack_to_padded
-from .shared_prefix import SharedPrefixCollator, SharedPrefixLayout
+from .segments import KERNELS, PREFIX, install, uses_interface
+from .shared_prefix import PackedLayout, SharedPrefixCollator, SharedPrefixLayout
 
 logger = logging.getLogger(__name__)
 
-EXACT = "exact for this model (sdpa/eager attention, no sliding window)"
-
-
-def shared_prefix_blocker(model: torch.nn.Module, args, aux_loss_enabled: bool = False) -> str | None:
-    """Why the shared-prefix layout cannot be exact for this (unwrapped) model under `args`, or `None` when it can."""
+def shared_prefix_blocker(model: torch.nn.Module, args, aux_loss_enabled: bool = False,
+                          segments: bool = True) -> str | None:
+    """Why the shared-prefix layout cannot be exact for this (unwrapped) model under `args`, or `None` when it can.
+    `segments`: whether the segment attention can serve the model (it takes any attention implementation with a
+    kernel, and sliding windows); else only the dense mask can, under sdpa or eager attention."""
     config = model.config.get_text_config()
     attn = getattr(model.config, "_attn_implementation", None)
     window = getattr(config, "sliding_window", None)
-    if attn not in ("sdpa", "eager"):
-        return f"attn_implementation={attn!r} cannot take a custom 4D attention mask (sdpa and eager can)"
-    if window is not None and getattr(config, "use_sliding_window", True) and (
-        args.max_length is None or args.max_length > window
-    ):
-        return f"sliding-window attention (window {window}) with sequences up to max_length={args.max_length}"
-    if aux_loss_enabled:
-        return "the MoE load-balancing loss needs a 2D attention mask"
     if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
         return "prompt-learning PEFT prepends virtual tokens"
+    if not segments:
+        if attn not in ("sdpa", "eager"):
+            return (f"attn_implementation={attn!r} cannot take a custom 4D attention mask (sdpa and eager can), and "
+                    "the segment attention cannot serve it")
+        if window is not None and getattr(config, "use_sliding_window", True) and (
+            args.max_length is None or args.max_length > window
+        ):
+            return f"sliding-window attention (window {window}) with sequences up to max_length={args.max_length}"
+    if aux_loss_enabled:
+        return "the MoE load-balancing loss counts every token of both sequences"
     return None
 
 
-def choose_layout(ctx: ForwardContext, model: torch.nn.Module, args, setup_blocker: str | None = None):
+def segment_base(ctx: ForwardContext, models: list, args) -> str | None:
+    """The attention implementation the segment attention would stand in for, when `args` lets it serve every model
+    (policy, reference); else `None`."""
+    if args.shared_prefix_attention == "dense_mask":
+        return None
+    unwrapped = [ctx.unwrap(m) for m in models if m is not None]
+    bases = {m.config._attn_implementation.removeprefix(PREFIX) for m in unwrapped}
+    if len(bases) == 1 and bases <= set(KERNELS) and all(uses_interface(m) for m in unwrapped):
+        return bases.pop()
+    if args.shared_prefix_attention == "segments":
+        raise ValueError(f"shared_prefix_attention='segments' cannot serve attn_implementation={sorted(bases)} (it "
+                         f"serves {sorted(KERNELS)} in models that use Transformers' AttentionInterface). Use 'auto'.")
+    return None
+
+
+def choose_layout(ctx: ForwardContext, model: torch.nn.Module, args, setup_blocker: str | None = None,
+                  reference_model: torch.nn.Module | None = None):
     """`(layout, reason, collator)` for `args.pair_layout`; `collator` is `None` where TRL's own collator serves.
 
-    `setup_blocker` is a reason the run's setup (not the model) rules the shared-prefix layout out, e.g. a user's
-    `data_collator`. `pair_layout="shared_prefix"` raises where it cannot be exact; `"auto"` falls back, saying why.
+    `setup_blocker` is a reason the run's setup (not the model) rules the packed layouts out, e.g. a user's
+    `data_collator`. `pair_layout="shared_prefix"` (or `"packed"`) raises where it cannot be exact; `"auto"` falls
+    back to the padding-free `packed` layout where only prompt sharing is inexact (a MoE loss), else to TRL's padded
+    layout, saying why. The segment attention is installed on the model (and `reference_model`) when it is chosen.
     """
-    blocker = None
-    if args.pair_layout != "padded":
-        blocker = setup_blocker or shared_prefix_blocker(ctx.unwrap(model), args, ctx.aux_loss_enabled)
-    if args.pair_layout == "shared_prefix" and blocker:
-        raise ValueError(f"pair_layout='shared_prefix' is not exact here: {blocker}. Use pair_layout='auto' or 'padded'.")
-    if args.pair_layout == "padded" or blocker:
-        if blocker:
-            logger.info("Pair layout: padded (TRL's), because %s", blocker)
-        collator = None
-        if args.truncation_mode == "keep_completions":
-            collator = PaddedPairCollator(pad_token_id=ctx.pad_token_id, max_length=args.max_length,
-                                          pad_to_multiple_of=args.pad_to_multiple_of)
-        return PaddedPairLayout(), blocker or "pair_layout='padded'", collator
-    collator = SharedPrefixCollator(
+    blocker, chosen = setup_blocker, None
+    if args.pair_layout != "padded" and setup_blocker is None:
+        base = segment_base(ctx, [model, reference_model], args)
+        blocker = shared_prefix_blocker(ctx.unwrap(model), args, ctx.aux_loss_enabled, segments=base is not None)
+        packable = blocker is None or blocker.startswith("the MoE")
+        if blocker is None and args.pair_layout in ("auto", "shared_prefix"):
+            chosen = SharedPrefixLayout, True, "exact for this model"
+        elif args.pair_layout == "shared_prefix" or (args.pair_layout == "packed" and not packable):
+            raise ValueError(f"pair_layout={args.pair_layout!r} is not exact here: {blocker}. Use pair_layout='auto' "
+                             "or 'padded'.")
+        elif packable:
+            reason = "pair_layout='packed'" if blocker is None else f"packed without sharing the prompt, because {blocker}"
+            logger.info("Pair layout: packed (padding-free, the prompt not shared): %s", reason)
+            chosen = PackedLayout, False, reason
+    if chosen is not None:
+        layout_cls, share_prompt, reason = chosen
+        attention = "dense_mask" if base is None else "segments"
+        if base is not None:
+            for m in (model, reference_model):
+                if m is not None:
+                    install(ctx.unwrap(m))
+        how = "a dense 4D attention mask" if base is None else f"segment attention ({KERNEL_WORDS[KERNELS[base]]})"
+        return layout_cls(attention), f"{reason}: {how}", _collator(ctx, args, share_prompt, attention)
+    if blocker:
+        logger.info("Pair layout: padded (TRL's), because %s", blocker)
+    collator = None
+    if args.truncation_mode == "keep_completions":
+        collator = PaddedPairCollator(pad_token_id=ctx.pad_token_id, max_length=args.max_length,
+                                      pad_to_multiple_of=args.pad_to_multiple_of)
+    return PaddedPairLayout(), blocker or "pair_layout='padded'", collator
+
+
+KERNEL_WORDS = {"sdpa": "scaled_dot_product_attention per segment, no L×L mask",
+                "eager": "eager softmax per segment, no L×L mask", "varlen": "one varlen flash call, no L×L mask"}
+
+
+def _collator(ctx: ForwardContext, args, share_prompt: bool, attention: str) -> SharedPrefixCollator:
+    # The segment attention's cost does not grow with the row, so the whole batch is one row (no padding); a dense
+    # mask costs L² per row, so its rows stop at the budget (max_length)
+    budget = args.packing_length
+    if budget is None and attention == "dense_mask":
+        budget = args.max_length if args.max_length is not None else 1024
+    return SharedPrefixCollator(
         pad_token_id=ctx.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
-        packing_length=args.packing_budget, pad_to_multiple_of=args.pad_to_multiple_of,
+        packing_length=budget, pad_to_multiple_of=args.pad_to_multiple_of, share_prompt=share_prompt,
     )
-    return SharedPrefixLayout(), EXACT, collator
 
 
 @contextlib.contextmanager
@@ -95,7 +144,10 @@ def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, tor
         ctx.no_checkpointing(unwrapped),
         dropout_off(unwrapped),  # not eval(): bitsandbytes repacks 4-bit weights for its CPU inference kernel
     ):
-        padded = PaddedPairLayout().policy_forward(ctx, model, unpack_to_padded(inputs, ctx.pad_token_id))
+        # Under the compact head, as the layouts themselves run: full-vocabulary logits at every position of the
+        # padded batch would be the run's peak memory at long sequence lengths
+        with ctx.compact_head():
+            padded = PaddedPairLayout().policy_forward(ctx, model, unpack_to_padded(inputs, ctx.pad_token_id))
         failure = None
         try:
             shared = layout.policy_forward(ctx, model, inputs)

@@ -25,7 +25,10 @@ from typing import Any
 import torch
 
 from .forward import TOKEN_FIELDS, ForwardContext, PolicyForward, ld_weighted_sum
+from .segments import PLAN_KEY, SegmentPlan
 from .truncation import truncate_pair
+
+ATTENTION_PATHS = ("segments", "dense_mask")
 
 
 def plan_rows(lengths: list[int], budget: int) -> list[list[int]]:
@@ -53,30 +56,43 @@ class SharedPrefixCollator:
         pad_token_id: token id of the padding at the end of rows.
         max_length: TRL's `max_length` (per prompt+completion sequence), or `None`.
         truncation_mode: `"keep_start"`, `"keep_end"` or `"keep_completions"` (see `truncate_pair`).
-        packing_length: token budget of one packed row; 0 puts one pair per row.
+        packing_length: token budget of one packed row (a longer pair gets a row of its own); 0 puts one pair per
+            row; `None` packs the whole batch into one row (no padding: for the segment attention, whose cost does not
+            grow with the row).
         pad_to_multiple_of: pad row lengths to a multiple of this.
+        share_prompt: `False` lays each pair out as two whole sequences, `[prompt + chosen | prompt + rejected]`, each
+            with its own positions from 0: padding-free packing without prefix sharing (the `packed` layout).
 
     Returns a dict of `(R, L)` rows: `input_ids`, `position_ids`, `pair_ids` (the pair's index in the batch, -1 on
     padding), `branch_ids` (0 shared, 1 chosen, 2 rejected), `completion_labels` (the token where it is a completion
     token with a token before it in its own sequence, else -100); for the `N` scored tokens, `gather_index` (flat index
     into the `(R, L-1)` shifted outputs), `scatter_seq` (0..2B-1, chosen first) and `scatter_pos` (its index within
     the completion); `unpack_index`/`unpack_completion` `(2B, T)` (flat index of each sequence's tokens, -1 past its
-    end; 1 on its completion tokens); `num_tokens` as TRL counts them; and the precomputed reference log-probs if any.
+    end; 1 on its completion tokens); `num_tokens` as TRL counts them; the attention segments (`segments` and the
+    varlen indices, see `trl_dpo_plus.layout.segments`); and the precomputed reference log-probs if any.
     """
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
-    packing_length: int = 1024
+    packing_length: int | None = None
     pad_to_multiple_of: int | None = None
+    share_prompt: bool = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = [
             truncate_pair(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], self.max_length, self.truncation_mode)
             for e in examples
         ]
+        if not self.share_prompt:  # each branch its whole sequence, nothing shared
+            pairs = [([], shared + c, len(shared) + cs, shared + r, len(shared) + rs) for shared, c, cs, r, rs in pairs]
         lengths = [len(shared) + len(c) + len(r) for shared, c, _, r, _ in pairs]
-        rows = plan_rows(lengths, self.packing_length) if self.packing_length > 0 else [[i] for i in range(len(pairs))]
+        if self.packing_length is None:
+            rows = [list(range(len(pairs)))]
+        elif self.packing_length > 0:
+            rows = plan_rows(lengths, self.packing_length)
+        else:
+            rows = [[i] for i in range(len(pairs))]
         width = max(sum(lengths[i] for i in row) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -90,6 +106,7 @@ class SharedPrefixCollator:
         sequences: list[list[int]] = [[] for _ in range(2 * num_pairs)]  # flat packed index of each sequence's tokens
         completion_starts = [0] * (2 * num_pairs)
         gather, scatter_seq, scatter_pos = [], [], []
+        segments, q_index, k_index = [], [], []  # per segment: (row, query start, length, prefix start, prefix length)
         num_tokens = 0
 
         for r, row in enumerate(rows):
@@ -119,6 +136,12 @@ class SharedPrefixCollator:
                     scatter_seq.append(torch.full_like(k, s))
                     scatter_pos.append(k - first)
                     num_tokens += n + len(seq)
+                    # Attention: the chosen segment is shared + chosen (causal); the rejected one sees the shared part
+                    q0, lq = (col, n + len(seq)) if branch == 1 else (start, len(seq))
+                    segments.append((r, q0, lq, col, 0 if branch == 1 else n))
+                    q_index.append(torch.arange(r * width + q0, r * width + q0 + lq))
+                    k_index.append(torch.arange(r * width + col, r * width + col + segments[-1][4]))
+                    k_index.append(q_index[-1])
                     start += len(seq)
                 col += lengths[i]
 
@@ -141,6 +164,12 @@ class SharedPrefixCollator:
             "unpack_index": unpack_index,
             "unpack_completion": unpack_completion,
             "num_tokens": torch.tensor([num_tokens], dtype=torch.long),
+            "segments": torch.tensor(segments, dtype=torch.long),
+            "segment_q_index": torch.cat(q_index),
+            "segment_k_index": torch.cat(k_index),
+            "segment_cu_q": torch.tensor([0] + [s[2] for s in segments], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            "segment_cu_k": torch.tensor([0] + [s[2] + s[4] for s in segments],
+                                         dtype=torch.int32).cumsum(0, dtype=torch.int32),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
@@ -176,20 +205,40 @@ def scatter_tokens(values: torch.Tensor, inputs: dict[str, torch.Tensor], num_se
 
 
 class SharedPrefixLayout:
-    """Each prompt computed once, pairs packed without padding, the LM head run at completion positions only."""
+    """Each prompt computed once, pairs packed without padding, the LM head run at completion positions only.
+
+    Args:
+        attention: `"segments"` (the default: attention per segment through `layout.segments`, installed on the model
+            by `layout.choice`, no `L × L` mask) or `"dense_mask"` (the `(R, 1, L, L)` mask of `shared_prefix_mask`,
+            for sdpa and eager models the segment path cannot serve).
+    """
 
     name = "shared_prefix"
 
-    def _forward(self, ctx: ForwardContext, model, inputs: dict[str, torch.Tensor], with_stats: bool):
+    def __init__(self, attention: str = "segments"):
+        if attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention={attention!r}: choose one of {ATTENTION_PATHS}")
+        self.attention = attention
+
+    def _attention_kwargs(self, ctx: ForwardContext, model, inputs: dict[str, torch.Tensor]) -> dict:
+        """The model keyword arguments that give the packed rows their attention pattern."""
+        if self.attention == "segments":
+            # A 4D mask makes Transformers use it as it is (no mask is built); the segment attention ignores it
+            sentinel = torch.ones((inputs["input_ids"].size(0), 1, 1, 1), dtype=torch.bool,
+                                  device=inputs["input_ids"].device)
+            return {"attention_mask": sentinel, PLAN_KEY: SegmentPlan.from_batch(inputs)}
         unwrapped = ctx.unwrap(model)
-        attn = unwrapped.config._attn_implementation
         dtype = unwrapped.get_input_embeddings().weight.dtype
         if not dtype.is_floating_point:  # quantised embeddings
             dtype = torch.float32
-        mask = shared_prefix_mask(inputs["pair_ids"], inputs["branch_ids"], attn, dtype)
+        attn = unwrapped.config._attn_implementation
+        return {"attention_mask": shared_prefix_mask(inputs["pair_ids"], inputs["branch_ids"], attn, dtype)}
+
+    def _forward(self, ctx: ForwardContext, model, inputs: dict[str, torch.Tensor], with_stats: bool):
         with ctx.compact_head():
-            outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], attention_mask=mask,
-                            labels=inputs["completion_labels"], use_cache=False, fused_lm_head=True)
+            outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                            labels=inputs["completion_labels"], use_cache=False, fused_lm_head=True,
+                            **self._attention_kwargs(ctx, model, inputs))
         num_sequences = inputs["unpack_index"].size(0)
         per_token_logps = scatter_tokens(outputs.log_probs, inputs, num_sequences)
         seq_mask = scatter_tokens(torch.ones_like(outputs.log_probs, dtype=torch.long), inputs, num_sequences)
@@ -197,20 +246,39 @@ class SharedPrefixLayout:
         if with_stats:
             fields = {k: None if getattr(outputs, k) is None else scatter_tokens(getattr(outputs, k), inputs,
                                                                                   num_sequences) for k in TOKEN_FIELDS}
-        return per_token_logps, seq_mask, fields
+        return per_token_logps, seq_mask, fields, getattr(outputs, "aux_loss", None)
 
     def policy_forward(self, ctx: ForwardContext, model, inputs: dict[str, torch.Tensor]) -> PolicyForward:
-        per_token_logps, mask, fields = self._forward(ctx, model, inputs, with_stats=True)
+        per_token_logps, mask, fields, aux_loss = self._forward(ctx, model, inputs, with_stats=True)
         return PolicyForward(
             per_token_logps=per_token_logps,
             mask=mask,
             logps=ld_weighted_sum(per_token_logps, mask, ctx.ld_alpha),
             num_tokens=inputs["num_tokens"].sum(),
+            aux_loss=aux_loss,
             **fields,
         )
 
     def reference_logps(self, ctx: ForwardContext, model, inputs: dict[str, torch.Tensor]):
         """`(ref_chosen_logps, ref_rejected_logps)` under the run's reference context."""
         with ctx.reference(model):
-            per_token_logps, mask, _ = self._forward(ctx, model, inputs, with_stats=False)
+            per_token_logps, mask, _, _ = self._forward(ctx, model, inputs, with_stats=False)
         return ld_weighted_sum(per_token_logps, mask, ctx.ld_alpha).chunk(2, dim=0)
+
+
+class PackedLayout(SharedPrefixLayout):
+    """Padding-free packing without prefix sharing: each pair as its two whole sequences, positions from 0 for each,
+    several pairs a row (`SharedPrefixCollator(share_prompt=False)`), the LM head at completion positions only. For
+    models where the prompt cannot be shared exactly (a MoE load-balancing loss counts every token of each sequence)
+    and packing can: the MoE loss then sees exactly the tokens of TRL's padded batch, padding aside."""
+
+    name = "packed"
+
+    def _attention_kwargs(self, ctx, model, inputs):
+        kwargs = super()._attention_kwargs(ctx, model, inputs)
+        if ctx.aux_loss_enabled:
+            kwargs["output_router_logits"] = True
+            # TRL's MoE loss reads a 2D padding mask, which one padding-free row does not need; with no mask,
+            # Transformers builds each sequence's causal mask from the restarting position ids
+            kwargs["attention_mask"] = None
+        return kwargs
