@@ -10,10 +10,13 @@ numbers depend on:
 - `tokenizer`: its vocabulary, special tokens and chat template;
 - `dataset`: the prepared token ids of every row (so also the prompt template and the row order);
 - `truncation`: `max_length` and `truncation_mode`;
-- `layout`: the pair layout and the precision of the forward.
+- `layout`: the pair layout and the precision of the forward;
+- `reduction`: how per-token log-probs are summed (LD-DPO's `ld_alpha`).
 
-A file whose fingerprint matches is read back and no reference forward runs. A split that was cached under another
-fingerprint is recomputed with one log line naming what changed; a cached entry is never reused for other inputs.
+The file name is only an index: each file holds its fingerprint and a checksum of its values, and both are checked on
+load, so a renamed, foreign, truncated or damaged file is never read as a hit. A file whose fingerprint, checksum and
+values check out is read back and no reference forward runs; any other entry is recomputed and replaced, with one log
+line saying why. Non-finite reference log-probs are never written or read.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from datasets import Dataset, concatenate_datasets
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("reference_weights", "tokenizer", "dataset", "truncation", "layout")
+COMPONENTS = ("reference_weights", "tokenizer", "dataset", "truncation", "layout", "reduction")
 _ADAPTER_KEY_PARTS = ("lora_", ".modules_to_save.", "lora_magnitude_vector")
 
 
@@ -130,20 +133,28 @@ class ReferenceCache:
                 with safe_open(str(path), framework="pt") as handle:
                     found.append((path, handle.metadata() or {}))
             except Exception as err:  # a partial write or another tool's file: never read as a cache hit
-                logger.warning("Ignoring unreadable reference cache file %s (%s)", path, err)
+                logger.debug("Ignoring unreadable reference cache file %s (%s)", path, err)
         return found
 
     def load(self, fingerprint: Fingerprint, rows: int) -> dict[str, torch.Tensor] | None:
-        """The cached `{"chosen": ..., "rejected": ...}` for exactly this fingerprint, or `None`."""
-        from safetensors.torch import load_file
+        """The cached `{"chosen": ..., "rejected": ...}` for exactly this fingerprint, or `None` (no entry, or one
+        that fails its checks: it is then recomputed and replaced, as the log line says)."""
+        from safetensors import safe_open
 
         path = self.path(fingerprint)
         if not path.exists():
             return None
-        tensors = load_file(str(path))
-        if tensors["chosen"].shape[0] != rows:  # the dataset component hashes the rows, so only a corrupt file gets here
-            logger.warning("Reference cache %s holds %d rows, the split has %d: recomputing", path,
-                           tensors["chosen"].shape[0], rows)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in ("chosen", "rejected")}
+        except Exception as err:  # truncated, empty, or not a safetensors file
+            logger.warning("Reference cache %s is damaged (%s: %s): recomputing and replacing it", path,
+                           type(err).__name__, str(err)[:120])
+            return None
+        problem = _entry_problem(metadata, tensors, fingerprint, rows)
+        if problem is not None:
+            logger.warning("Reference cache %s %s: recomputing and replacing it", path, problem)
             return None
         return tensors
 
@@ -159,25 +170,63 @@ class ReferenceCache:
         return best
 
     def save(self, fingerprint: Fingerprint, split: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path:
-        """Write one entry (atomically: a crash leaves no half file under the final name)."""
+        """Write one entry with its fingerprint and checksum (atomically: a crash leaves no half file under the final
+        name). Non-finite values are refused: a reference that gives NaN would train every later run on NaN."""
         from safetensors.torch import save_file
 
+        tensors = {"chosen": chosen.float().contiguous(), "rejected": rejected.float().contiguous()}
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values())
+        if bad:
+            raise ValueError(f"The reference log-probs of the {split} split hold {bad} non-finite values (NaN/inf): "
+                             "the reference model's forward is broken (NaN weights, or an overflow in half precision). "
+                             "Nothing was cached; check the reference model, or train in float32.")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(fingerprint)
         partial = path.with_suffix(f".partial-{os.getpid()}")
-        metadata = {"split": split, "rows": str(chosen.shape[0]), "components": json.dumps(fingerprint.components)}
-        save_file({"chosen": chosen.float().contiguous(), "rejected": rejected.float().contiguous()}, str(partial),
-                  metadata=metadata)
+        metadata = {"split": split, "rows": str(chosen.shape[0]), "components": json.dumps(fingerprint.components),
+                    "fingerprint": fingerprint.key, "checksum": _checksum(tensors)}
+        save_file(tensors, str(partial), metadata=metadata)
         os.replace(partial, path)
         return path
 
+    def check_writable(self) -> None:
+        """Raise before the reference pass, not after it, when the directory cannot take an entry."""
+        probe = self.directory / f".write-check-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"reference_cache_dir={str(self.directory)!r} is not writable ({err.strerror or err}): "
+                             "point reference_cache_dir at a folder you can write to, or drop it.") from err
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    return _sha(*(_tensor_bytes(tensors[key]) for key in ("chosen", "rejected")))
+
+
+def _entry_problem(metadata: dict, tensors: dict[str, torch.Tensor], fingerprint: Fingerprint, rows: int) -> str | None:
+    """Why a readable cache entry cannot be used for `fingerprint`, or `None` when it can."""
+    if "components" not in metadata or "checksum" not in metadata:
+        return "has no fingerprint or checksum inside (written by another tool or an older version)"
+    differences = fingerprint.differences(Fingerprint(json.loads(metadata["components"])))
+    if differences:
+        return f"was computed for another {', '.join(differences)} (its file name does not match its content)"
+    if metadata["checksum"] != _checksum(tensors):
+        return "fails its checksum (the values were changed after writing)"
+    if any(tensor.shape != (rows,) for tensor in tensors.values()):
+        return f"holds {tensors['chosen'].shape[0]} rows, the split has {rows}"
+    if not all(torch.isfinite(tensor).all() for tensor in tensors.values()):
+        return "holds non-finite values"
+    return None
+
 
 def run_settings(args, layout, accelerator) -> dict[str, str]:
-    """The fingerprint's components besides the weights, tokenizer and data: `truncation` and `layout` (with the
-    forward's precision)."""
+    """The fingerprint's components besides the weights, tokenizer and data: `truncation`, `layout` (with the
+    forward's precision) and `reduction` (every setting that changes a cached value is one of them)."""
     precision = f"bf16={args.bf16},fp16={args.fp16},mixed_precision={accelerator.mixed_precision}"
     return {"truncation": f"max_length={args.max_length},truncation_mode={args.truncation_mode}",
-            "layout": f"{type(layout).__name__},{precision}"}
+            "layout": f"{type(layout).__name__},{precision}", "reduction": f"ld_alpha={args.ld_alpha}"}
 
 
 class SplitFingerprints:
@@ -232,6 +281,8 @@ def cached_precompute(cache: ReferenceCache, fingerprint: Fingerprint, dataset: 
                 cache.directory, "" if closest is None else
                 f" (no cached entry matches; the closest, {closest[0].name}, was computed for another "
                 f"{', '.join(closest[1])})")
+    if is_main:
+        cache.check_writable()
     prepared = compute()
     if is_main:
         values = prepared.select_columns(["ref_chosen_logps", "ref_rejected_logps"]).with_format("torch")[:]
