@@ -108,3 +108,13 @@ def test_trl_checks_exo_pair_on_the_config_label_smoothing():
     source = inspect.getsource(dpo_trainer.DPOTrainer.__init__)
     assert "self.label_smoothing = args.label_smoothing" in source
     assert '"exo_pair" in self.loss_types and self.label_smoothing == 0.0' in source
+
+
+def test_transformers_checkpoint_save_is_the_seam_the_full_disk_message_wraps():
+    """`DPOPlusTrainer._save_checkpoint` wraps Transformers' private `_save_checkpoint(model, trial)`, which the
+    training loop calls for every checkpoint; tests/test_saving.py checks the behaviour."""
+    import transformers
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert "self._save_checkpoint(model, trial" in inspect.getsource(transformers.trainer), transformers.__version__

@@ -232,8 +232,10 @@ def train(argv: list[str]) -> int:
     if launch_args and not os.environ.get(LAUNCHED_ENV):
         return _launch(parser, launch_args, _without(argv, cli_remaining))
     _resolve_model(parser, model_args, training_args)
+    resume = _resume_target(parser, training_args)
     dataset = load_datasets(parser, script_args, training_args, dataset_args)
 
+    from .saving import nonfinite_weights
     from .trainer import DPOPlusTrainer
 
     peft_config, quantization_config = _peft_and_quantization(argv, training_args, model_args)
@@ -244,15 +246,41 @@ def train(argv: list[str]) -> int:
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         quantization_config=quantization_config, peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=dataset_name)
     trainer.accelerator.print(f"Saved to {training_args.output_dir} (model card: README.md, diagnostics.json/.png)")
-    if training_args.push_to_hub:
+    nonfinite = nonfinite_weights(trainer.accelerator.unwrap_model(trainer.model))
+    if nonfinite:  # the default diagnostics_action='warn' lets a diverged run finish: never a silent exit 0
+        trainer.accelerator.print(f"error: the final weights hold NaN or infinity in {len(nonfinite)} tensors (e.g. "
+                                  f"{nonfinite[0]}): the run diverged and the saved model is not usable (the card says "
+                                  "so). Train again with a lower learning rate, or --diagnostics_action checkpoint.")
+    elif training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}")
     trainer.end()
-    return 0
+    return 1 if nonfinite else 0
+
+
+def _resume_target(parser, training_args) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `true` for the last one in `output_dir` (as in
+    Transformers' example scripts); checked before anything loads."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() == "false":
+        return None
+    if str(value).lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        output_dir = training_args.output_dir
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            parser.error(f"--resume_from_checkpoint true: there is no checkpoint-N folder in --output_dir {output_dir} "
+                         "to resume from. Drop the flag to start a new run, or name a checkpoint folder.")
+        return last
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        parser.error(f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json there). "
+                     "Name a checkpoint-N folder, or pass true for the last one in --output_dir.")
+    return value
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from .diagnostics.report import read_report
 from .metrics import last_train_log
 from .data import looks_like_local_path
 from .qlora import is_quantized
+from .saving import best_effort, nonfinite_weights
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 
@@ -170,7 +171,9 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "final reward margin": round(final["rewards/margins"], 4) if final else None,
         "final loss": round(final["loss"], 4) if final and "loss" in final else None,
     }
-    training = {"data": data_description(trainer), **training}
+    nonfinite = nonfinite_weights(model)
+    training = {"data": data_description(trainer), **training,
+                "final weights": f"NON-FINITE in {len(nonfinite)} tensors" if nonfinite else "finite"}
     diagnostics = None
     report = read_report(args.output_dir)
     if report is not None:
@@ -197,6 +200,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "steps": trainer.state.global_step,
         "final_reward_accuracy": training["final reward accuracy"], "final_reward_margin": training["final reward margin"],
         "diagnostics_flags": [f["flag"] for f in diagnostics["flags"]] if diagnostics else None,
+        "weights_finite": not nonfinite,
     }
     model_name = model_name or (repo_id or output_dir.resolve().name).split("/")[-1]
     card_data = ModelCardData(
@@ -211,9 +215,19 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         is_adapter=is_adapter, dataset_name=", ".join(map(display_name, datasets)) or None, losses=losses,
         reference_mode=metadata["reference"], ld_alpha=args.ld_alpha, f_divergence_type=args.f_divergence_type,
         use_weighting=args.use_weighting, quantization=metadata["quantization"], lora=metadata["lora"],
-        training=training, diagnostics=diagnostics, versions=_versions(),
+        training=training, diagnostics=diagnostics, versions=_versions(), nonfinite=nonfinite[:5],
+        nonfinite_count=len(nonfinite),
         repo_or_path=repo_id or f"path/to/{output_dir.resolve().name}", citations=citations,
     )
+
+
+def write_model_card(trainer, output_dir: str | None = None, tags: str | list[str] | None = None, **kwargs) -> None:
+    """`build_model_card` saved as `README.md` in `output_dir`, best-effort: a card that cannot be built or written
+    (a full disk, an unwritable folder) is a warning, never the loss of the weights saved before it."""
+    path = Path(output_dir or trainer.args.output_dir) / "README.md"
+    tags = [tags] if isinstance(tags, str) else tags
+    best_effort("the model card", path, lambda: build_model_card(
+        trainer, tags=tags, output_dir=output_dir, **kwargs).save(str(path)))
 
 
 def merge_and_save(model, output_dir: str | os.PathLike, *, dequantize: bool = False, tokenizer=None,

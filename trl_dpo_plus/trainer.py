@@ -10,8 +10,8 @@ in `tests/test_trl_contract.py`, which fails loudly when the upstream code chang
   for unpaired rows), `_set_signature_columns_if_needed` (keeps the unpaired rows' columns), `_precompute_ref_logps`
   (collates in the chosen layout; reads and fills the reference cache) and `compute_ref_log_probs` (the reference
   forward in the chosen layout, counted);
-- TRL's `log` (adds the diagnostics' metrics) and Transformers' private `_load_callback_state` (restores them on
-  resume), `train`, `save_model`, `create_model_card` and `end`;
+- TRL's `log` (adds the diagnostics' metrics), Transformers' private `_load_callback_state` (restores them on
+  resume) and `_save_checkpoint` (a full disk named), `train`, `save_model`, `create_model_card` and `end`;
 - two patches: `_no_reference_model_loaded` keeps TRL's `__init__` from loading a reference model for reference-free
   losses, and `completion_only_lm_head` has TRL's fused LM head score only labelled positions on every device (TRL
   does so on Triton devices only).
@@ -41,7 +41,7 @@ from .console import install_compact_console
 from .data import check_model_path, check_trainer_datasets
 from .data_kinds import data_kind_for
 from .diagnostics import DiagnosticCallback, PairStatistics, callbacks_to_add, restore_states, write_interrupted_report
-from .hub import build_model_card
+from .hub import write_model_card
 from .layout import ForwardContext, PaddedPairLayout, choose_layout, padded_outputs, verify_first_batch
 from .losses import get_loss
 from .losses.transforms import wpo_weights
@@ -49,13 +49,12 @@ from .metrics import loss_metrics, truncation_logs
 from .prepared import check_prepared, check_rows_left, split_sizes, without_filter
 from .qlora import prepare_adapter_training
 from .reference_cache import ReferenceCache, SplitFingerprints, cached_precompute, run_settings
+from .saving import disk_full_named
 
 logger = logging.getLogger(__name__)
 
-_TRL_INIT_ARGS = (
-    "data_collator", "train_dataset", "eval_dataset", "processing_class", "compute_metrics", "callbacks",
-    "optimizers", "quantization_config", "peft_config",
-)
+_TRL_INIT_ARGS = ("data_collator", "train_dataset", "eval_dataset", "processing_class", "compute_metrics",
+                  "callbacks", "optimizers", "quantization_config", "peft_config")
 # TRL's data preparation per data kind; the unpaired one is KTOTrainer's, run on this trainer
 _TRL_PREPARATION = {"paired": _trl_dpo.DPOTrainer._prepare_dataset, "unpaired": _trl_kto.KTOTrainer._prepare_dataset}
 
@@ -293,22 +292,23 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             raise
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, output_dir=None):
-        """Write `README.md` into `output_dir` (default `args.output_dir`): losses, hyperparameters, reference mode,
-        quantisation, LoRA, training summary and diagnostics (see `trl_dpo_plus.hub.build_model_card`)."""
-        if not self.is_world_process_zero():
-            return
-        tags = [tags] if isinstance(tags, str) else tags
-        card = build_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, output_dir=output_dir)
-        card.save(f"{output_dir or self.args.output_dir}/README.md")
+        """Write `README.md` into `output_dir` (default `args.output_dir`), best-effort (`hub.write_model_card`)."""
+        if self.is_world_process_zero():
+            write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, output_dir=output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
+        with disk_full_named(f"the model to {output_dir or self.args.output_dir}"):
+            super().save_model(output_dir, _internal_call)
         if not _internal_call:  # push_to_hub and checkpoints write their own card
             self.create_model_card(output_dir=output_dir)
 
+    def _save_checkpoint(self, model, trial):
+        with disk_full_named(f"a checkpoint in {self.args.output_dir}"):
+            super()._save_checkpoint(model, trial)
+
     def end(self):
-        """Finish the trackers and destroy the process group once every process got here: tearing it down while the
-        main process still wrote the report and card aborted the other rank (about 1 run in 6 on two CPU processes)."""
+        """Finish the trackers once every process got here (tearing the group down while the main process still
+        wrote the report and card aborted the other rank, about 1 run in 6 on two CPU processes)."""
         self.accelerator.wait_for_everyone()
         super().end()
 

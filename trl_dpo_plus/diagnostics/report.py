@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from ..metrics import DIAGNOSTICS_PREFIX as PREFIX
 from ..metrics import FLAG_PREFIX, REPORT_SERIES, UNPAIRED_MARKERS
+from ..saving import best_effort
 from .base import REMEDIES
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def write_report(log_history: list[dict], output_dir: str | Path, interrupted: s
         for mode in ("train", "eval"):
             if mode in report:
                 report[mode]["healthy"] = False
-    plot = plot_report(report, output_dir / "diagnostics.png")
+    plot = best_effort("the diagnostics plot", output_dir / "diagnostics.png",
+                       lambda: plot_report(report, output_dir / "diagnostics.png"))
     report["plot"] = plot.name if plot else None
     replaced = [0]
     report = _strict(report, replaced)
@@ -185,7 +187,12 @@ def write_report(log_history: list[dict], output_dir: str | Path, interrupted: s
 
 def write_interrupted_report(log_history: list[dict], output_dir: str | Path, error: BaseException) -> None:
     """The report of a run that raised, marked `interrupted` with the error; a failure here is logged, never raised
-    (it must not mask the training error)."""
+    (it must not mask the training error). An attempt that logged no step (e.g. a resume from a checkpoint that does
+    not exist) leaves a finished run's report in place."""
+    existing = Path(output_dir) / REPORT_FILE
+    if not any("step" in h for h in log_history) and existing.exists():
+        logger.info("Kept %s of the earlier run: this attempt stopped before logging a step", existing)
+        return
     try:
         write_report(log_history, output_dir, interrupted=f"{type(error).__name__}: {error}"[:500])
     except Exception as report_error:
@@ -210,9 +217,14 @@ class DiagnosticsReportCallback(TrainerCallback):
     """Writes the report into `output_dir` at the end of training and after each evaluation (main process)."""
 
     def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            write_report(state.log_history, args.output_dir)
+        self._write(args, state)
 
     def on_evaluate(self, args, state, control, **kwargs):
+        self._write(args, state)
+
+    @staticmethod
+    def _write(args, state) -> None:
+        """Best-effort: a report that cannot be written warns and never costs the weights saved after training."""
         if state.is_world_process_zero:
-            write_report(state.log_history, args.output_dir)
+            best_effort("the diagnostics report", Path(args.output_dir) / REPORT_FILE,
+                        lambda: write_report(state.log_history, args.output_dir))
