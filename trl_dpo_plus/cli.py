@@ -295,6 +295,9 @@ class CompareArguments:
         "help": "With --reward_fn: how many distinct held-out prompts to sample on."})
     samples_per_prompt: int = dataclasses.field(default=4, metadata={"help": "With --reward_fn: samples per prompt."})
     max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "With --reward_fn: tokens per sample."})
+    rescore: str | None = dataclasses.field(default=None, metadata={
+        "help": "A finished comparison's folder: score its saved runs again (e.g. with a new --reward_fn) without "
+                "training them; runs missing there are trained. Sets --output_dir."})
     share_reference: bool = dataclasses.field(default=True, metadata={
         "help": "Compute the reference log-probs once for every run (in --reference_cache_dir, default "
                 "<output_dir>/reference_cache); false gives each run its own pass."})
@@ -318,10 +321,20 @@ def _take_loss_specs(argv: list[str]) -> tuple[list[str], list[str]]:
     return specs, rest
 
 
+def _option_value(argv: list[str], flag: str) -> str | None:
+    """The value given to `flag` in `argv` (`--flag v` or `--flag=v`), or `None`."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def compare_command(argv: list[str]) -> int:
     _quiet_console()
     parser = make_train_parser("trl-dpo-plus compare", extra=(CompareArguments,))
-    from .compare import compare, load_reward_fn, markdown_table, parse_run
+    from .compare import RewardFnError, compare, load_reward_fn, markdown_table, parse_run
     from .losses import get_loss
 
     specs, argv = _take_loss_specs(argv)
@@ -343,13 +356,16 @@ def compare_command(argv: list[str]) -> int:
     paired = next((run.loss for run in runs if get_loss(run.loss).data == "paired"), "sigmoid")
     given = explicit_options(argv)
     adapter_flags = [] if {"lora", "qlora", "use_peft"} & given else ["--lora"]  # LoRA unless told otherwise
-    output = [] if "output_dir" in given else ["--output_dir", "comparison"]
+    rescore = _option_value(argv, "--rescore")
+    output = [] if "output_dir" in given else ["--output_dir", rescore or "comparison"]
     *parsed, config_remaining, cli_remaining = _parse(parser, [*argv, *adapter_flags, *output, "--loss_type", paired])
     script_args, training_args, model_args, dataset_args, compare_args = parsed
     if config_remaining + cli_remaining:
         _check_launch_args(parser, config_remaining + cli_remaining)
         parser.error("compare runs its runs one after another in one process; drop the launcher arguments "
                      f"{config_remaining + cli_remaining} (train the chosen loss with `trl-dpo-plus train` to launch)")
+    if rescore is not None and not os.path.isdir(rescore):
+        parser.error(f"--rescore {rescore}: no such folder; name the output_dir of a finished comparison")
     _resolve_model(parser, model_args, training_args)
     reward_fn = None
     if compare_args.reward_fn:
@@ -366,10 +382,15 @@ def compare_command(argv: list[str]) -> int:
             quantization_config=quantization_config, reward_fn=reward_fn,
             generation_prompts=compare_args.generation_prompts, samples_per_prompt=compare_args.samples_per_prompt,
             max_new_tokens=compare_args.max_new_tokens, share_reference=compare_args.share_reference,
-            dataset_name=script_args.dataset_name or mixture_names(dataset_args))
+            dataset_name=script_args.dataset_name or mixture_names(dataset_args), rescore=rescore is not None)
+    except RewardFnError as err:  # the user's scorer, tried before any run trains: no usage dump, it is no typo
+        print(f"trl-dpo-plus compare: error: {err}", file=sys.stderr)
+        return 2
     except ValueError as err:  # bad run settings, found before any run trains
         parser.error(str(err))
     print(markdown_table(result))
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"\nWritten to {training_args.output_dir}/: " + ", ".join(result.files.values())
           + ", and per run its adapter, model card and diagnostics")
     return 0 if any(r.status == "ok" for r in result.runs) else 1

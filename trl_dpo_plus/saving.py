@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -69,3 +70,20 @@ def nonfinite_weights(model: torch.nn.Module) -> list[str]:
     """Names of the floating-point parameters of `model` that hold NaN or infinity (sharded, empty ones skipped)."""
     return [name for name, param in model.named_parameters()
             if param.is_floating_point() and param.numel() and not torch.isfinite(param.detach()).all()]
+
+
+def strict_json_value(value: Any) -> tuple[Any, int]:
+    """`value` with every NaN/±Infinity float replaced by `None` (strict JSON has no such tokens), and how many."""
+    replaced = [0]
+
+    def strict(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            replaced[0] += 1
+            return None
+        if isinstance(item, dict):
+            return {k: strict(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [strict(v) for v in item]
+        return item
+
+    return strict(value), replaced[0]

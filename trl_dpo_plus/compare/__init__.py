@@ -20,7 +20,7 @@ from .held_out import AdapterPolicies, FullPolicy, evaluate_pairs, held_out_metr
 from .pipeline import StepBar, compare, score_held_out, train_runs
 from .report import COLUMNS, Comparison, markdown_table, plot_comparison, write_comparison
 from .runs import RunResult, RunSpec, parse_run, run_config
-from .sampling import completion_logps, load_reward_fn, prompt_text, sample, win_rate
+from .sampling import RewardFnError, check_reward_fn, completion_logps, load_reward_fn, prompt_text, sample, win_rate
 
 __all__ = [
     "COLUMNS",
@@ -28,8 +28,10 @@ __all__ = [
     "Comparison",
     "FullPolicy",
     "RunResult",
+    "RewardFnError",
     "RunSpec",
     "StepBar",
+    "check_reward_fn",
     "compare",
     "completion_logps",
     "evaluate_pairs",

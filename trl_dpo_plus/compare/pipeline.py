@@ -21,7 +21,7 @@ from ..metrics import last_train_log
 from .held_out import AdapterPolicies, FullPolicy, evaluate_pairs, held_out_metrics
 from .report import Comparison, write_comparison
 from .runs import RunResult, RunSpec, parse_run, run_config
-from .sampling import RewardFn, generation
+from .sampling import RewardFn, RewardFnError, check_reward_fn, generation
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class _Sweep:
     peft_config: Any = None
     quantization_config: Any = None
     progress: bool = True
+    rescore: bool = False
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the report must say it left out, and why
 
     @property
     def adapters(self) -> bool:
@@ -96,6 +98,7 @@ def compare(
     share_reference: bool = True,
     dataset_name: str | list[str] | None = None,
     progress: bool = True,
+    rescore: bool = False,
 ) -> Comparison:
     """Train one run per entry of `losses` on the same data, seed and schedule, and compare them on `eval_dataset`.
 
@@ -112,10 +115,17 @@ def compare(
         generation_prompts: how many of the held-out split's prompts to sample on, or the prompts themselves.
         share_reference: compute the reference log-probs once for all runs (`reference_cache_dir`, default
             `output_dir/reference_cache`); `False` gives every run its own reference pass (for benchmarks).
+        rescore: score the runs already saved in `output_dir` (their adapter or model, card and diagnostics) without
+            training them again, e.g. with a new `reward_fn`; runs not saved there are trained.
+
+    A `reward_fn` is tried on a few held-out completions before the first run trains; if it fails later, the table
+    is written without its columns and says why (`Comparison.notes`).
     """
     start = time.time()
     sweep = _plan(model, train_dataset, eval_dataset, losses, args, share_reference, processing_class=processing_class,
-                  peft_config=peft_config, quantization_config=quantization_config, progress=progress)
+                  peft_config=peft_config, quantization_config=quantization_config, progress=progress, rescore=rescore)
+    if reward_fn is not None:
+        check_reward_fn(reward_fn, sweep.eval_dataset, processing_class)
     results, prepared_eval, tokenizer = train_runs(sweep, dataset_name)
     base_generation = score_held_out(sweep, results, prepared_eval, tokenizer, reward_fn, generation_prompts,
                                      samples_per_prompt, max_new_tokens)
@@ -156,6 +166,9 @@ def train_runs(sweep: _Sweep, dataset_name=None) -> tuple[list[RunResult], Any, 
         results.append(result)
         t0 = time.time()
         trainer = None
+        if sweep.rescore and _saved(config.output_dir):
+            _read_saved(result, config.output_dir)
+            continue
         try:
             trainer = DPOPlusTrainer(sweep.model, args=config, train_dataset=sweep.train_dataset,
                                      eval_dataset=sweep.eval_dataset, processing_class=sweep.processing_class,
@@ -193,6 +206,24 @@ def train_runs(sweep: _Sweep, dataset_name=None) -> tuple[list[RunResult], Any, 
     return results, prepared_eval, tokenizer
 
 
+def _saved(output_dir: str) -> bool:
+    folder = Path(output_dir)
+    return (folder / "adapter_config.json").exists() or (folder / "model.safetensors").exists()
+
+
+def _read_saved(result: RunResult, output_dir: str) -> None:
+    """A run saved by an earlier `compare`, read back from its card and report instead of trained again."""
+    from huggingface_hub import ModelCard
+
+    card = Path(output_dir) / "README.md"
+    recorded = (ModelCard.load(card).data.to_dict().get("trl_dpo_plus") or {}) if card.exists() else {}
+    result.steps = recorded.get("steps") or 0
+    result.train_reward_accuracy = recorded.get("final_reward_accuracy")
+    report = read_report(output_dir) or {}
+    result.flags = [f"{flag['flag']}@{flag['step']}" for flag in report.get("train", {}).get("flags", [])]
+    logger.info("compare: run %s read from %s (rescore: not trained again)", result.name, output_dir)
+
+
 def score_held_out(sweep: _Sweep, results: list[RunResult], prepared_eval, tokenizer, reward_fn, generation_prompts,
                    samples_per_prompt: int, max_new_tokens: int) -> dict[str, Any]:
     """Stage 2: every trained run scored on the held-out pairs in one pass (and, with `reward_fn`, on samples);
@@ -204,9 +235,10 @@ def score_held_out(sweep: _Sweep, results: list[RunResult], prepared_eval, token
     if not trained:
         return {}
     args = sweep.args
-    if prepared_eval is None:  # only unpaired runs trained: prepare the held-out pairs as a paired run would
-        prepared_eval = _prepare_eval(sweep.model, args, sweep.eval_dataset, sweep.peft_config,
-                                      sweep.quantization_config)
+    if prepared_eval is None:  # only unpaired runs trained, or none (rescore): prepare them as a paired run would
+        prepared_eval, prepared_with = _prepare_eval(sweep.model, args, sweep.eval_dataset, sweep.peft_config,
+                                                     sweep.quantization_config, sweep.processing_class)
+        tokenizer = tokenizer or prepared_with
     rows = prepared_eval.to_list()
     init_kwargs = _init_kwargs(args, sweep.quantization_config)
     base = AutoModelForCausalLM.from_pretrained(sweep.model, **init_kwargs)
@@ -227,10 +259,19 @@ def score_held_out(sweep: _Sweep, results: list[RunResult], prepared_eval, token
         for name, values in per_policy.items():
             result, run, config = by_name[name]
             result.held_out = held_out_metrics(run, config, reference, values)
-        if reward_fn is not None:
-            base_generation = generation(policies, by_name, sweep.eval_dataset, tokenizer, reward_fn,
-                                         generation_prompts, samples_per_prompt, max_new_tokens, args.seed,
-                                         sweep.progress, base_generation)
+        if reward_fn is not None and not sweep.notes:
+            try:
+                base_generation = generation(policies, by_name, sweep.eval_dataset, tokenizer, reward_fn,
+                                             generation_prompts, samples_per_prompt, max_new_tokens, args.seed,
+                                             sweep.progress, base_generation)
+            except RewardFnError as err:  # the held-out table is kept; the sample columns are left out, saying why
+                logger.warning("compare: %s; the table is written without the sample columns", err)
+                sweep.notes.append(f"No sample columns (win-rate, reward, fluency, sample KL): {err}. Score the "
+                                   "saved runs again with a fixed reward_fn: compare(..., rescore=True), or "
+                                   "`trl-dpo-plus compare --rescore DIR`.")
+                base_generation = {}
+                for result in results:
+                    result.generation = {}
         del policies
     del groups, base
     gc.collect()
@@ -255,7 +296,7 @@ def _write(sweep: _Sweep, results: list[RunResult], base_generation: dict, secon
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps, "seed": args.seed,
         "max_length": args.max_length, "seconds": round(seconds, 1),
     }
-    comparison = Comparison(results, base_generation, reference_stats, setup, {})
+    comparison = Comparison(results, base_generation, reference_stats, setup, {}, notes=sweep.notes)
     comparison.files = write_comparison(comparison, sweep.out_dir)
     return comparison
 
@@ -271,15 +312,17 @@ def _init_kwargs(args: DPOPlusConfig, quantization_config) -> dict:
     return kwargs
 
 
-def _prepare_eval(model: str, args: DPOPlusConfig, eval_dataset, peft_config, quantization_config):
-    """The held-out pairs tokenized exactly as a paired run prepares them (a trainer is built for it, nothing trains)."""
+def _prepare_eval(model: str, args: DPOPlusConfig, eval_dataset, peft_config, quantization_config, processing_class):
+    """The held-out pairs tokenized exactly as a paired run prepares them, and the tokenizer as the trainer set it up
+    (a trainer is built for it, nothing trains)."""
     from ..trainer import DPOPlusTrainer
 
     config = dataclasses.replace(args, loss_type=["simpo"], beta=None, loss_kwargs=None, reference_cache_dir=None,
                                  output_dir=str(Path(args.output_dir) / ".held-out-preparation"))
     trainer = DPOPlusTrainer(model, args=config, train_dataset=eval_dataset, eval_dataset=eval_dataset,
-                             peft_config=peft_config, quantization_config=quantization_config)
-    return trainer.eval_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+                             processing_class=processing_class, peft_config=peft_config,
+                             quantization_config=quantization_config)
+    return trainer.eval_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]), trainer.processing_class
 
 
 def _model_name(model: str) -> str:

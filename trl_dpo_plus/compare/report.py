@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..saving import best_effort, strict_json_value
 from .runs import RunResult
 
 
@@ -19,10 +20,11 @@ class Comparison:
     reference: dict[str, Any]
     setup: dict[str, Any]
     files: dict[str, str]
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the report left out, and why
 
     def to_dict(self) -> dict:
         return {"setup": self.setup, "reference": self.reference, "base_generation": self.base_generation,
-                "runs": [dataclasses.asdict(r) for r in self.runs], "files": self.files}
+                "runs": [dataclasses.asdict(r) for r in self.runs], "files": self.files, "notes": self.notes}
 
 
 COLUMNS = {
@@ -113,9 +115,16 @@ def write_comparison(comparison: Comparison, out_dir: Path) -> dict[str, str]:
     text += ["Columns:", ""] + [f"- **{k}**: {v}" for k, v in COLUMNS.items()
                                 if comparison.base_generation or k not in ("win-rate", "reward", "fluency", "sample KL")]
     text += ["", "Each run's folder holds its adapter (or model), model card (README.md) and diagnostics.json/.png."]
+    values, replaced = strict_json_value(comparison.to_dict())
+    if replaced:  # a diverged run's NaN: strict JSON has no such token
+        values["notes"].append(f"{replaced} non-finite values (NaN or ±Infinity, e.g. a diverged run's) are written "
+                               "as null")
+    if values["notes"]:
+        text += ["", "Notes:", ""] + [f"- {note}" for note in values["notes"]]
     (out_dir / "comparison.md").write_text("\n".join(text) + "\n")
-    (out_dir / "comparison.json").write_text(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
-    if plot_comparison(comparison, out_dir / "comparison.png") is not None:
+    (out_dir / "comparison.json").write_text(json.dumps(values, indent=2, allow_nan=False))
+    if best_effort("the comparison plot", out_dir / "comparison.png",
+                   lambda: plot_comparison(comparison, out_dir / "comparison.png")) is not None:
         files["plot"] = "comparison.png"
     return files
 

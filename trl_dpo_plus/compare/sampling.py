@@ -87,15 +87,43 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+class RewardFnError(ValueError):
+    """The user's `reward_fn` raised, or returned something other than one finite number per completion."""
+
+
 def score(reward_fn: RewardFn, prompts: list, samples: list[list[str]]) -> list[list[float]]:
+    """`reward_fn`'s scores of `samples` (one list per prompt); a raising or malformed scorer is a `RewardFnError`."""
     flat_prompts = [p for p, cs in zip(prompts, samples) for _ in cs]
     flat = [c for cs in samples for c in cs]
-    scores = list(reward_fn(prompts=flat_prompts, completions=flat))
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    try:
+        scores = list(reward_fn(prompts=flat_prompts, completions=flat))
+    except Exception as err:
+        raise RewardFnError(f"reward_fn {name} raised {type(err).__name__}: {str(err)[:200]} (called as "
+                            f"{name}(prompts=[...], completions=[...]) on {len(flat)} completions)") from err
     if len(scores) != len(flat) or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
-        raise ValueError(f"reward_fn must return one finite number per completion ({len(flat)}); got "
-                         f"{len(scores)} values, e.g. {scores[:3]!r}")
+        raise RewardFnError(f"reward_fn {name} must return one finite number per completion ({len(flat)}); it "
+                            f"returned {len(scores)} values, e.g. {scores[:3]!r}")
     it = iter(scores)
     return [[float(next(it)) for _ in cs] for cs in samples]
+
+
+def check_reward_fn(reward_fn: RewardFn, eval_dataset, tokenizer=None, n: int = 2) -> None:
+    """Score the first `n` held-out pairs' own chosen and rejected completions before any run trains, so a scorer
+    that raises or returns the wrong number of scores stops the sweep at once, not after every run trained."""
+    rows = eval_dataset.select(range(min(n, len(eval_dataset))))
+    prompts = [p if isinstance(p, str) or tokenizer is None else prompt_text(p, tokenizer) for p in rows["prompt"]]
+    completions = [[_text(c), _text(r)] for c, r in zip(rows["chosen"], rows["rejected"])]
+    try:
+        score(reward_fn, prompts, completions)
+    except RewardFnError as err:
+        raise RewardFnError(f"{err}. Checked on {2 * len(rows)} held-out completions before any run trained; "
+                            "fix the function and run again.") from err.__cause__
+
+
+def _text(completion) -> str:
+    """A completion's text (the last message's content for conversational data)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 def win_rate(after: list[list[float]], before: list[list[float]]) -> tuple[float, float]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from ..metrics import DIAGNOSTICS_PREFIX as PREFIX
 from ..metrics import FLAG_PREFIX, REPORT_SERIES, UNPAIRED_MARKERS
-from ..saving import best_effort
+from ..saving import best_effort, strict_json_value
 from .base import REMEDIES
 
 logger = logging.getLogger(__name__)
@@ -151,18 +150,6 @@ def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagn
     return path
 
 
-def _strict(value, replaced: list[int]):
-    """The value with every NaN/±Infinity float replaced by None (strict JSON has no such tokens), counted."""
-    if isinstance(value, float) and not math.isfinite(value):
-        replaced[0] += 1
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v, replaced) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v, replaced) for v in value]
-    return value
-
-
 def write_report(log_history: list[dict], output_dir: str | Path, interrupted: str | None = None) -> dict:
     """Write `diagnostics.json` (strict JSON: non-finite numbers become `null`, with a note) and `diagnostics.png`
     (when matplotlib is there) into `output_dir`. `interrupted` (the error) marks a run that did not finish."""
@@ -177,10 +164,9 @@ def write_report(log_history: list[dict], output_dir: str | Path, interrupted: s
     plot = best_effort("the diagnostics plot", output_dir / "diagnostics.png",
                        lambda: plot_report(report, output_dir / "diagnostics.png"))
     report["plot"] = plot.name if plot else None
-    replaced = [0]
-    report = _strict(report, replaced)
-    if replaced[0]:
-        report["note"] = f"{replaced[0]} non-finite values (NaN or ±Infinity) are written as null"
+    report, replaced = strict_json_value(report)
+    if replaced:
+        report["note"] = f"{replaced} non-finite values (NaN or ±Infinity) are written as null"
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False))
     return report
 

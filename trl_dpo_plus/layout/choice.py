@@ -129,6 +129,21 @@ def dropout_off(model: torch.nn.Module):
             module.p = p
 
 
+@contextlib.contextmanager
+def autocast_off(model: torch.nn.Module, device_type: str):
+    """Autocast off for the duration, also inside Accelerate's mixed-precision wrapper of `model.forward` (which
+    enters autocast itself; it keeps the unwrapped forward as `_original_forward`)."""
+    wrapped = vars(model).get("forward") if "_original_forward" in vars(model) else None
+    if wrapped is not None:
+        model.forward = model._original_forward
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+
+
 def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, torch.Tensor], *,
                        required: bool) -> tuple[Any, str | None, dict]:
     """The shared-prefix forward of the first batch against the padded forward of the same pairs.
@@ -139,10 +154,14 @@ def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, tor
     (`pair_layout='shared_prefix'`) that raises instead of falling back.
     """
     unwrapped = ctx.unwrap(model)
+    # Float32 weights under bf16/fp16 autocast are checked with autocast off: the check is of the mask, and float32
+    # tells a wrong mask from rounding to 1e-5 where half precision rounds per-token log-probs by up to ~0.1
+    half_weights = unwrapped.get_input_embeddings().weight.dtype != torch.float32
     with (
         torch.no_grad(),
         ctx.no_checkpointing(unwrapped),
         dropout_off(unwrapped),  # not eval(): bitsandbytes repacks 4-bit weights for its CPU inference kernel
+        autocast_off(model, inputs["input_ids"].device.type) if not half_weights else contextlib.nullcontext(),
     ):
         # Under the compact head, as the layouts themselves run: full-vocabulary logits at every position of the
         # padded batch would be the run's peak memory at long sequence lengths
@@ -153,10 +172,9 @@ def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, tor
             shared = layout.policy_forward(ctx, model, inputs)
         except Exception as err:  # a model that builds its own mask from a 2D one (e.g. Bloom's ALiBi)
             failure = f"{type(err).__name__}: {err}"
-    # Half precision (bf16/fp16 weights or autocast, also when `accelerate launch` sets it) rounds a log-prob of
-    # -15 by up to ~0.06, so there the bound grows with the log-prob's size; a wrong mask is off by whole nats.
-    half = ctx.half_precision or unwrapped.get_input_embeddings().weight.dtype != torch.float32
-    tolerance, relative = (5e-2, 1e-2) if half else (1e-4, 0.0)
+    # Half-precision weights round a log-prob of -15 by up to ~0.06, so there the bound grows with the log-prob's
+    # size; a wrong mask is off by whole nats.
+    tolerance, relative = (5e-2, 1e-2) if half_weights else (1e-4, 0.0)
     error, excess = torch.tensor(float("inf")), torch.tensor(float("inf"))
     if failure is None and torch.equal(shared.lengths, padded.lengths):
         theirs = padded_tokens(padded)
