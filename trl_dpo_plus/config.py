@@ -254,6 +254,7 @@ class DPOPlusConfig(DPOConfig):
 
     def __post_init__(self):
         self._select_device()
+        check_ranges(self)
         if self.pair_layout not in PAIR_LAYOUTS:
             raise ValueError(f"pair_layout={self.pair_layout!r}: choose one of {list(PAIR_LAYOUTS)}")
         if self.shared_prefix_attention not in PREFIX_ATTENTION:
@@ -355,6 +356,10 @@ class DPOPlusConfig(DPOConfig):
                 f"{sorted(n for n in list_losses() if get_loss(n).supports_f_divergence)}. Use 'reverse_kl'."
             )
         whole_batch = [s.name for s in specs if s.whole_batch]
+        if whole_batch and self.per_device_train_batch_size < 2:
+            raise ValueError(f"{whole_batch} sort the log-ratios across the batch, which needs at least 2 pairs; at "
+                             "per_device_train_batch_size=1 there is nothing to sort. Raise it (and lower "
+                             "gradient_accumulation_steps to keep the effective batch).")
         if self.use_weighting and whole_batch:
             raise ValueError(f"use_weighting=True (WPO) cannot weight {', '.join(map(repr, whole_batch))}: they sort "
                              "pairs across the batch, so per-pair weights would not line up. Drop one of the two.")
@@ -370,6 +375,10 @@ class DPOPlusConfig(DPOConfig):
             if self.sync_ref_model:
                 raise ValueError(f"`sync_ref_model=True` needs a reference model, but {self.loss_type} is reference-free")
         super().__post_init__()
+        if self.accelerator_config.dispatch_batches is None:
+            # The packed layouts' batches hold tensors of different first sizes (rows, pairs, segments); Accelerate's
+            # dispatch of an IterableDataset's batches would cut every one to the first tensor's rows
+            self.accelerator_config.dispatch_batches = False
 
     def _check_data_kind(self, specs) -> None:
         """Paired and unpaired losses do not mix; the unpaired ones' KL term needs TRL's batch and sampling setup."""
@@ -451,6 +460,43 @@ class DPOPlusConfig(DPOConfig):
                 kwargs[keyword] = value
         kwargs.update(self.loss_kwargs.get(name, {}))
         return validate_loss_kwargs(name, kwargs)
+
+
+# What Transformers and TRL leave unchecked until deep in training (a ZeroDivisionError for
+# gradient_accumulation_steps=0): field -> (smallest allowed, whether the smallest is allowed, what it means)
+RANGES = {
+    "gradient_accumulation_steps": (1, True, "batches summed per optimizer step"),
+    "per_device_train_batch_size": (1, True, "rows per device and step"),
+    "per_device_eval_batch_size": (1, True, "rows per device and evaluation step"),
+    "learning_rate": (0, True, "the optimizer's step size"),
+    "num_train_epochs": (0, False, "passes over the train split (or set max_steps)"),
+    "max_grad_norm": (0, True, "the gradient clipping norm (0 or None: no clipping)"),
+    "weight_decay": (0, True, "AdamW's decoupled weight decay"),
+    "adam_epsilon": (0, False, "Adam's denominator term"),
+    "warmup_steps": (0, True, "the warm-up length (a fraction < 1 of the run, or steps)"),
+    "logging_steps": (0, False, "steps between logs (a fraction < 1 of the run, or steps)"),
+    "eval_steps": (0, False, "steps between evaluations"),
+    "save_steps": (0, False, "steps between checkpoints"),
+}
+
+
+def check_ranges(args) -> None:
+    """Numbers out of range fail at config time, naming the field, the value and what it means."""
+    for name, (low, inclusive, meaning) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            value < low if inclusive else value <= low)
+        if bad:
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ValueError(f"{name}={value!r}: it must be a finite number {bound} ({meaning}).")
+    if not isinstance(args.max_steps, int) or isinstance(args.max_steps, bool) or args.max_steps < -1:
+        raise ValueError(f"max_steps={args.max_steps!r}: give a number of steps > 0, or -1 to train num_train_epochs")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name}={value!r}: Adam's decay rates lie in [0, 1) (defaults 0.9 and 0.999)")
 
 
 def check_processes(loss_specs, num_processes: int) -> None:

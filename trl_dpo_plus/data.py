@@ -75,7 +75,8 @@ def check_row(example: dict, row: int, name: str = "train") -> None:
     fields = [c for c in TEXT_FIELDS if c in example]
     for column in fields:
         _check_field(example[column], f"{name}:{column}" if name != "train" else column, row)
-    if "label" in example and not (isinstance(example["label"], bool) or example["label"] in (0, 1)):
+    unpaired = "completion" in example and not {"chosen", "rejected"} <= set(example)  # a pair's own `label` is data
+    if unpaired and "label" in example and not (isinstance(example["label"], bool) or example["label"] in (0, 1)):
         raise TypeError(
             f"Row {row}, column {'label' if name == 'train' else f'{name}:label'!r}: {example['label']!r} is not a bool. "
             "Label each completion True (desirable, thumbs up) or False (undesirable), e.g. "
@@ -194,9 +195,27 @@ def check_trainer_datasets(train_dataset, eval_dataset, args):
                                         kind=args.data_kind, losses=list(args.loss_type), unpair=args.unpair,
                                         seed=args.seed)
 
+    train_dataset, eval_dataset = drop_empty_image_column(train_dataset), drop_empty_image_column(eval_dataset)
     if isinstance(eval_dataset, dict):
         return check(train_dataset, "train"), {key: check(ds, key) for key, ds in eval_dataset.items()}
     return check(train_dataset, "train"), check(eval_dataset, "eval")
+
+
+def drop_empty_image_column(dataset):
+    """A text dataset whose `image`/`images` column holds only `None` (e.g. after concatenating with a vision set)
+    without that column: TRL reads any such column as vision data and refuses a text model."""
+    from datasets import Dataset
+
+    if isinstance(dataset, dict):
+        return {key: drop_empty_image_column(ds) for key, ds in dataset.items()}
+    if not isinstance(dataset, Dataset):
+        return dataset
+    empty = [c for c in ("image", "images") if c in dataset.column_names
+             and all(v is None or v == [] for v in dataset.with_format("arrow")[c].to_pylist())]
+    if empty:
+        logger.info("Dropping the %s column%s: every row holds None (text data)", "/".join(empty), "s" * (len(empty) > 1))
+        dataset = dataset.remove_columns(empty)
+    return dataset
 
 
 def check_model_path(model) -> None:

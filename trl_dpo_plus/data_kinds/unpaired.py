@@ -9,6 +9,7 @@ rejected one, so one forward gives both and the prompt is computed once. The los
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ from ..prepared import without_filter
 from .base import DataKind, global_means
 
 LABELS = ("desirable", "undesirable")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +75,14 @@ class UnpairedKind(DataKind):
             return None
         labels = dataset.with_format("arrow")["label"]
         desirable = int(pc.sum(labels.cast("int64")).as_py() or 0)
-        return {"desirable": desirable, "undesirable": len(labels) - desirable}
+        counts = {"desirable": desirable, "undesirable": len(labels) - desirable}
+        empty = [side for side, n in counts.items() if n == 0]
+        if len(labels) and empty:
+            logger.warning("Every train row is labelled %s: the %s side of the loss is empty, so KTO learns only "
+                           "to push the %s completions one way. Check the label column (True = desirable).",
+                           "desirable" if empty == ["undesirable"] else "undesirable", empty[0],
+                           "desirable" if empty == ["undesirable"] else "undesirable")
+        return counts
 
     def build_batch(self, forward: PolicyForward, reference, inputs, accelerator) -> UnpairedBatch:
         """B completions; the layout's second branch holds each row's KL completion."""

@@ -6,6 +6,8 @@ holds what they read; `report` writes `diagnostics.json`/`.png` from the log his
 
 from __future__ import annotations
 
+import logging
+
 from transformers import TrainerCallback
 
 from .base import ACTIONS, REMEDIES, DiagnosticCallback, Flag, restore_states
@@ -24,6 +26,8 @@ from .report import (
 )
 from .statistics import PairStatistics
 
+logger = logging.getLogger(__name__)
+
 
 def default_callbacks(action: str = "warn") -> list[DiagnosticCallback]:
     return [RewardMarginCallback(action=action), LikelihoodDisplacementCallback(action=action),
@@ -39,6 +43,11 @@ def callbacks_to_add(existing: list[TrainerCallback], args, sides: tuple[str, st
     detectors = [cb for cb in existing + added if isinstance(cb, DiagnosticCallback)]
     for detector in detectors:
         detector.sides = sides
+    own = [f"{type(cb).__name__}(action={cb.action!r})" for cb in existing
+           if isinstance(cb, DiagnosticCallback) and cb.action != args.diagnostics_action]
+    if own:
+        logger.info("diagnostics_action=%r applies to the default detectors; the ones passed in keep their own: %s",
+                    args.diagnostics_action, ", ".join(own))
     if DiagnosticsReportCallback not in given and detectors:
         added.append(DiagnosticsReportCallback())
     return added

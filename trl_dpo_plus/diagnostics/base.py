@@ -54,8 +54,11 @@ def slope(values) -> float:
 
 
 def check_positive(name, value, allow_zero=False):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    """A threshold that can fire: a finite number > 0 (>= 0 with `allow_zero`); NaN or infinity never would."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0
+            or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} number, got "
+                         f"{value!r} (a NaN or infinite threshold can never fire)")
 
 
 class DiagnosticCallback(TrainerCallback, ExportableState):

@@ -129,6 +129,26 @@ def dropout_off(model: torch.nn.Module):
             module.p = p
 
 
+def check_batch_intact(inputs: dict[str, torch.Tensor]) -> None:
+    """Raise when a packed batch reached the model damaged (its tensors disagree on how many sequences and scored
+    tokens it holds), naming the pipeline, never the model: e.g. Accelerate's `dispatch_batches` cutting every tensor
+    of an IterableDataset's batch to the first tensor's rows."""
+    sequences = int(inputs["unpack_index"].shape[0])
+    counts = {"sequences (unpack_index)": sequences, "sequences (unpack_completion)": int(inputs["unpack_completion"].shape[0])}
+    counts.update({f"scored tokens ({key})": int(inputs[key].numel()) for key in ("gather_index", "scatter_seq", "scatter_pos")})
+    if inputs["scatter_seq"].numel():
+        counts["sequences (scatter_seq)"] = int(inputs["scatter_seq"].max()) + 1
+    counts.update({f"pairs x 2 ({key})": 2 * int(inputs[key].shape[0])
+                   for key in ("ref_chosen_logps", "ref_rejected_logps") if key in inputs})
+    sequence_counts = {v for k, v in counts.items() if k.startswith(("sequences", "pairs"))}
+    token_counts = {v for k, v in counts.items() if k.startswith("scored")}
+    if len(sequence_counts) > 1 or len(token_counts) > 1 or sequences % 2:
+        raise RuntimeError(f"The packed batch was damaged before the model saw it ({counts}). This happens when "
+                           "Accelerate dispatches batches (accelerator_config.dispatch_batches=True, e.g. for an "
+                           "IterableDataset) with a packed layout: leave dispatch_batches unset (False here), or set "
+                           "pair_layout='padded'.")
+
+
 @contextlib.contextmanager
 def autocast_off(model: torch.nn.Module, device_type: str):
     """Autocast off for the duration, also inside Accelerate's mixed-precision wrapper of `model.forward` (which
@@ -153,6 +173,7 @@ def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, tor
     rebuild their own attention mask or ignore `position_ids` fail it; with `required=True`
     (`pair_layout='shared_prefix'`) that raises instead of falling back.
     """
+    check_batch_intact(inputs)
     unwrapped = ctx.unwrap(model)
     # Float32 weights under bf16/fp16 autocast are checked with autocast off: the check is of the mask, and float32
     # tells a wrong mask from rounding to 1e-5 where half precision rounds per-token log-probs by up to ~0.1
@@ -174,6 +195,11 @@ def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, tor
             failure = f"{type(err).__name__}: {err}"
     # Half-precision weights round a log-prob of -15 by up to ~0.06, so there the bound grows with the log-prob's
     # size; a wrong mask is off by whole nats.
+    device = padded.logps.device
+    finite = torch.isfinite(padded.per_token_logps[padded.mask.bool()]).all().float().reshape(1, 1).to(device)
+    if ctx.gather(finite).min() < 1:  # NaN weights or inputs: the non-finite check names them, not the layout
+        logger.info("Pair layout: first-batch check skipped, the padded forward's log-probs are not finite")
+        return layout, None, {"skipped": "the padded forward's log-probs are not finite"}
     tolerance, relative = (5e-2, 1e-2) if half_weights else (1e-4, 0.0)
     error, excess = torch.tensor(float("inf")), torch.tensor(float("inf"))
     if failure is None and torch.equal(shared.lengths, padded.lengths):
@@ -183,7 +209,6 @@ def verify_first_batch(layout, ctx: ForwardContext, model, inputs: dict[str, tor
         diff = (shared.per_token_logps[:, :width] - theirs[:, :width]).abs() * mask
         error = diff.max()
         excess = (diff - relative * theirs[:, :width].abs() * mask).max()
-    device = padded.logps.device
     error, excess = ctx.gather(torch.stack([error, excess]).float().reshape(1, 2).to(device)).max(dim=0).values.tolist()
     check = {"max_abs_token_logp_error": error, "tolerance": tolerance, "relative_tolerance": relative}
     if excess <= tolerance:
