@@ -48,6 +48,21 @@ CONFIG = {  # id: (config kwargs, words the message must contain: the problem, t
     "max_length zero": ({"max_length": 0}, ["max_length=0", "at least 2", "None"]),
     "max_length negative": ({"max_length": -5}, ["max_length=-5", "at least 2"]),
     "packing_length negative": ({"packing_length": -1}, ["packing_length=-1", "0 for one pair per row"]),
+    "gradient accumulation zero": ({"gradient_accumulation_steps": 0}, ["gradient_accumulation_steps=0", ">= 1",
+                                                                         "batches summed"]),
+    "batch size zero": ({"per_device_train_batch_size": 0}, ["per_device_train_batch_size=0", ">= 1"]),
+    "eval batch size zero": ({"per_device_eval_batch_size": 0}, ["per_device_eval_batch_size=0", ">= 1"]),
+    "learning rate nan": ({"learning_rate": NAN}, ["learning_rate=nan", "finite number >= 0"]),
+    "learning rate negative": ({"learning_rate": -1e-5}, ["learning_rate=-1e-05", ">= 0"]),
+    "epochs zero": ({"num_train_epochs": 0}, ["num_train_epochs=0", "> 0", "max_steps"]),
+    "max_steps below -1": ({"max_steps": -3}, ["max_steps=-3", "-1 to train num_train_epochs"]),
+    "grad norm negative": ({"max_grad_norm": -1.0}, ["max_grad_norm=-1.0", "no clipping"]),
+    "weight decay inf": ({"weight_decay": INF}, ["weight_decay=inf", "finite"]),
+    "adam beta one": ({"adam_beta2": 1.0}, ["adam_beta2=1.0", "[0, 1)"]),
+    "adam epsilon zero": ({"adam_epsilon": 0.0}, ["adam_epsilon=0.0", "> 0"]),
+    "save steps zero": ({"save_steps": 0}, ["save_steps=0", "> 0"]),
+    "aot at batch one": ({"loss_type": "aot", "per_device_train_batch_size": 1}, ["at least 2 pairs",
+                                                                                 "Raise it"]),
 }
 
 
@@ -223,3 +238,90 @@ def test_tool_call_turns_in_trls_format_are_accepted_and_train(tiny_models, tmp_
     trainer.train()
     assert trainer.state.log_history[0]["dpo_plus/chosen_len"] > 5  # the tool call was rendered and scored
     assert "get_weather" in tokenizer.decode(trainer.train_dataset[0]["chosen_ids"])
+
+
+# -- accepted with a log line, or silently right: the cases that were silent or unclear ---------------------------
+def _train(model_path, tokenizer, tmp_path, data, callbacks=None, ref_model=None, **config):
+    values = dict(output_dir=str(tmp_path), report_to=[], max_steps=1, per_device_train_batch_size=4,
+                  save_strategy="no", logging_steps=1, use_cpu=True, gradient_checkpointing=False, max_length=64)
+    values.update(config)
+    trainer = DPOTrainer(model_path, ref_model=ref_model, args=DPOConfig(**values), train_dataset=data,
+                         processing_class=tokenizer, callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def test_detector_thresholds_that_can_never_fire_are_refused():
+    from trl_dpo_plus.diagnostics import LikelihoodDisplacementCallback
+
+    for value in (NAN, INF):
+        with pytest.raises(ValueError, match="finite positive number.*can never fire"):
+            LikelihoodDisplacementCallback(rejected_collapse=value)
+
+
+def test_a_detector_passed_in_keeps_its_own_action_and_the_log_says_so(tiny_models, tokenizer, tmp_path, caplog):
+    from trl_dpo_plus.diagnostics import LikelihoodDisplacementCallback
+
+    mine = LikelihoodDisplacementCallback(action="warn")
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
+        trainer = _train(tiny_models["llama"], tokenizer, tmp_path, make_pairs(8), callbacks=[mine],
+                         diagnostics_action="stop")
+    assert mine.action == "warn" and mine in trainer.diagnostics
+    assert "diagnostics_action='stop' applies to the default detectors" in caplog.text
+    assert "LikelihoodDisplacementCallback(action='warn')" in caplog.text
+
+
+def test_an_explicit_ref_model_for_a_reference_free_loss_is_released(tiny_models, tokenizer, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
+        trainer = _train(tiny_models["llama"], tokenizer, tmp_path, make_pairs(8), ref_model=reference,
+                         loss_type="simpo")
+    assert trainer.ref_model is None and "ref_model passed in is not used and is released" in caplog.text
+
+
+def test_a_nan_weight_is_not_blamed_on_the_layout(tiny_models, tokenizer, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with __import__("torch").no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = NAN
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
+        trainer = _train(model, tokenizer, tmp_path, make_pairs(8), loss_type="simpo")
+    assert trainer.layout.name == "shared_prefix" and "skipped" in trainer.layout_check
+    assert "falling back" not in caplog.text
+
+
+def test_paired_data_with_an_unrelated_label_column_trains_as_pairs(tiny_models, tokenizer, tmp_path):
+    data = make_pairs(8).add_column("label", ["source-a"] * 8)
+    trainer = _train(tiny_models["llama"], tokenizer, tmp_path, data)
+    assert trainer.data_kind == "paired" and trainer.state.global_step == 1
+
+
+def test_a_text_dataset_with_an_all_none_image_column_trains(tiny_models, tokenizer, tmp_path, caplog):
+    data = make_pairs(8).add_column("image", [None] * 8)
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
+        trainer = _train(tiny_models["llama"], tokenizer, tmp_path, data)
+    assert trainer.state.global_step == 1 and "Dropping the image column: every row holds None" in caplog.text
+
+
+def test_kto_with_a_single_label_warns_that_one_side_is_empty(tiny_models, tokenizer, tmp_path, caplog):
+    from conftest import make_unpaired
+
+    data = make_unpaired(8).map(lambda row: {"label": True})
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus"):
+        _train(tiny_models["llama"], tokenizer, tmp_path, data, loss_type="kto")
+    assert "Every train row is labelled desirable: the undesirable side of the loss is empty" in caplog.text
+
+
+def test_resuming_with_another_loss_says_so(tiny_models, tokenizer, tmp_path, caplog):
+    _train(tiny_models["llama"], tokenizer, tmp_path, make_pairs(8), max_steps=2, save_strategy="steps", save_steps=1)
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus"):
+        values = dict(output_dir=str(tmp_path), report_to=[], max_steps=2, per_device_train_batch_size=4,
+                      save_strategy="no", logging_steps=1, use_cpu=True, gradient_checkpointing=False, max_length=64,
+                      loss_type="ipo")
+        trainer = DPOTrainer(tiny_models["llama"], args=DPOConfig(**values), train_dataset=make_pairs(8),
+                             processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert "Resuming a checkpoint trained with loss_type=['sigmoid'] with loss_type=['ipo']" in caplog.text

@@ -18,6 +18,8 @@ _EXPORTS = {
     "DPOPlusConfig": ("config", "DPOPlusConfig"),
     "DPOPlusTrainer": ("trainer", "DPOPlusTrainer"),
     "DPOTrainer": ("trainer", "DPOPlusTrainer"),
+    "KTOConfig": ("kto", "KTOConfig"),
+    "KTOTrainer": ("kto", "KTOTrainer"),
     "LossOutput": ("losses", "LossOutput"),
     "LossSpec": ("losses", "LossSpec"),
     "PreferenceBatch": ("losses", "PreferenceBatch"),
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from .config import DPOPlusConfig
     from .config import DPOPlusConfig as DPOConfig
     from .data import check_preference_dataset, load_preference_dataset, unpair_preference_dataset
+    from .kto import KTOConfig, KTOTrainer
     from .losses import (
         LossOutput,
         LossSpec,

@@ -499,6 +499,16 @@ def check_ranges(args) -> None:
             raise ValueError(f"{name}={value!r}: Adam's decay rates lie in [0, 1) (defaults 0.9 and 0.999)")
 
 
+def release_unused_reference(ref_model, loss_specs):
+    """`None` for a reference model no selected loss reads (reference-free losses), with a log line: it would sit in
+    memory unused for the whole run; else `ref_model`."""
+    if ref_model is None or any(spec.requires_reference for spec in loss_specs):
+        return ref_model
+    logger.info("Reference-free loss %s: the ref_model passed in is not used and is released",
+                [spec.name for spec in loss_specs])
+    return None
+
+
 def check_processes(loss_specs, num_processes: int) -> None:
     """Losses that sort across the whole batch (`whole_batch` in the registry) refuse several processes, where each
     would sort only its own pairs."""

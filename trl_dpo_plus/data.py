@@ -193,7 +193,7 @@ def check_trainer_datasets(train_dataset, eval_dataset, args):
             return None
         return check_preference_dataset(dataset, name=name, drop_degenerate=args.drop_degenerate_pairs,
                                         kind=args.data_kind, losses=list(args.loss_type), unpair=args.unpair,
-                                        seed=args.seed)
+                                        seed=args.seed if getattr(args, "unpair_shuffle", True) else None)
 
     train_dataset, eval_dataset = drop_empty_image_column(train_dataset), drop_empty_image_column(eval_dataset)
     if isinstance(eval_dataset, dict):

@@ -188,7 +188,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
                        "plot": plot.name if plot.exists() else None}
 
     loss_names = [loss["name"] for loss in losses]
-    all_tags = list(dict.fromkeys(["trl", "dpo", "trl-dpo-plus", *loss_names, *(tags or []),
+    all_tags = list(dict.fromkeys([*trainer._tag_names, *loss_names, *(tags or []),
                                    *(["lora"] if is_adapter else []), *(["qlora"] if args.qlora else [])]))
     metadata = {
         "loss_type": loss_names, "loss_weights": list(trainer.loss_weights),

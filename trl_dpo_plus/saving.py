@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +89,30 @@ def strict_json_value(value: Any) -> tuple[Any, int]:
         return item
 
     return strict(value), replaced[0]
+
+
+class RunRecord(TrainerCallback, ExportableState):
+    """The objective a run trains with, saved in every checkpoint (`trainer_state.json`, `stateful_callbacks`), so
+    that a resume with another loss says so (`check_resumed_losses`)."""
+
+    def __init__(self, loss_type: list[str], loss_kwargs: dict | None = None):
+        self.loss_type, self.loss_kwargs = list(loss_type), dict(loss_kwargs or {})
+
+    def state(self) -> dict:
+        return {"args": {"loss_type": self.loss_type, "loss_kwargs": self.loss_kwargs}, "attributes": {}}
+
+
+def check_resumed_losses(stateful_callbacks: dict | None, loss_type: list[str], loss_kwargs: dict) -> None:
+    """Warn when a checkpoint was trained with another loss (or other loss hyperparameters) than the run resuming it."""
+    saved = (stateful_callbacks or {}).get(RunRecord.__name__)
+    saved = saved[0] if isinstance(saved, list) else saved
+    if not saved:
+        return
+    before = saved["args"]
+    now = {"loss_type": list(loss_type), "loss_kwargs": dict(loss_kwargs)}
+    changed = [key for key in ("loss_type", "loss_kwargs") if before.get(key) != now[key]]
+    if changed:
+        logger.warning("Resuming a checkpoint trained with %s with %s: the weights, optimizer and schedule carry on, "
+                       "the objective changes from here (the card records the new one). Resume with the same loss to "
+                       "continue that run.", ", ".join(f"{k}={before.get(k)}" for k in changed),
+                       ", ".join(f"{k}={now[k]}" for k in changed))

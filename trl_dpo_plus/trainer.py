@@ -11,7 +11,7 @@ in `tests/test_trl_contract.py`, which fails loudly when the upstream code chang
   (collates in the chosen layout; reads and fills the reference cache) and `compute_ref_log_probs` (the reference
   forward in the chosen layout, counted);
 - TRL's `log` (adds the diagnostics' metrics), Transformers' private `_load_callback_state` (restores them on
-  resume) and `_save_checkpoint` (a full disk named), `train`, `save_model`, `create_model_card` and `end`;
+  resume, says when the loss changed) and `_save_checkpoint` (a full disk named), `train`, `save_model`, `create_model_card` and `end`;
 - two patches: `_no_reference_model_loaded` keeps TRL's `__init__` from loading a reference model for reference-free
   losses, and `completion_only_lm_head` has TRL's fused LM head score only labelled positions on every device (TRL
   does so on Triton devices only).
@@ -36,7 +36,7 @@ from trl.trainer import dpo_trainer as _trl_dpo
 from trl.trainer import kto_trainer as _trl_kto
 from trl.trainer import utils as _trl_utils
 
-from .config import DPOPlusConfig, check_processes
+from .config import DPOPlusConfig, check_processes, release_unused_reference
 from .console import install_compact_console
 from .data import check_model_path, check_trainer_datasets
 from .data_kinds import data_kind_for
@@ -49,7 +49,7 @@ from .metrics import loss_metrics, truncation_logs
 from .prepared import check_prepared, check_rows_left, split_sizes, without_filter
 from .qlora import prepare_adapter_training
 from .reference_cache import ReferenceCache, SplitFingerprints, cached_precompute, run_settings
-from .saving import disk_full_named
+from .saving import check_resumed_losses, disk_full_named
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             kwargs.get("train_dataset"), kwargs.get("eval_dataset"), args)
         if args.qlora or args.lora:
             model, kwargs["peft_config"], kwargs["quantization_config"] = prepare_adapter_training(
-                model, args, kwargs.get("peft_config"), kwargs.get("quantization_config")
-            )
+                model, args, kwargs.get("peft_config"), kwargs.get("quantization_config"))
         check_model_path(model)
+        ref_model = release_unused_reference(ref_model, self.loss_specs)
 
         self.layout, self.layout_reason = PaddedPairLayout(), "not chosen yet"
         self.layout_check: dict | None = None  # the shared-prefix layout's first-batch check against the padded one
@@ -276,9 +276,9 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
     # -- resume, save, card, end ------------------------------------------------------------------------------
     def _load_callback_state(self) -> None:
-        """On resume, the detectors' state restored in place, whatever `restore_callback_states_from_checkpoint`
-        says: a resumed run raises the same flags."""
+        """On resume: a change of loss said, and the detectors' state restored in place (the same flags again)."""
         super()._load_callback_state()
+        check_resumed_losses(self.state.stateful_callbacks, self.args.loss_type, self.args.loss_kwargs)
         if not self.args.restore_callback_states_from_checkpoint:  # else Transformers rebuilt them, ours included
             restore_states(self.diagnostics, self.state.stateful_callbacks)
 

@@ -10,6 +10,8 @@ import logging
 
 from transformers import TrainerCallback
 
+from ..saving import RunRecord
+
 from .base import ACTIONS, REMEDIES, DiagnosticCallback, Flag, restore_states
 from .displacement import LikelihoodDisplacementCallback
 from .length_bias import LengthBiasCallback
@@ -36,7 +38,8 @@ def default_callbacks(action: str = "warn") -> list[DiagnosticCallback]:
 
 def callbacks_to_add(existing: list[TrainerCallback], args, sides: tuple[str, str] = ("chosen", "rejected")):
     """What a trainer adds to its callbacks: the default detectors of a kind the user did not pass (when
-    `args.diagnostics`), with `args.diagnostics_action`, and the report writer when any detector runs. Every detector,
+    `args.diagnostics`), with `args.diagnostics_action`, the report writer when any detector runs, and the record of
+    the objective that checkpoints keep (`saving.RunRecord`). Every detector,
     the user's too, names the two sides `sides` in its messages (desirable/undesirable for unpaired data)."""
     given = {type(cb) for cb in existing}
     added = [cb for cb in default_callbacks(args.diagnostics_action) if type(cb) not in given] if args.diagnostics else []
@@ -50,6 +53,8 @@ def callbacks_to_add(existing: list[TrainerCallback], args, sides: tuple[str, st
                     args.diagnostics_action, ", ".join(own))
     if DiagnosticsReportCallback not in given and detectors:
         added.append(DiagnosticsReportCallback())
+    if RunRecord not in given:
+        added.append(RunRecord(args.loss_type, args.loss_kwargs))
     return added
 
 
