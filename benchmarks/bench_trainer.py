@@ -239,10 +239,13 @@ def floor_flops(counts: dict, body_params: int, hidden: int) -> float:
     return 8 * body_params * counts["tokens"] + 8 * VOCAB * hidden * counts["completion"]
 
 
-def peak_memory(variant: str, model_path: str, config_name: str, steps: int) -> float:
+def peak_memory(variant: str, model_path: str, config_name: str, steps: int) -> dict[str, float]:
+    """`peak_mib` of a fresh process training `steps` steps, and `setup_mib`, its peak once the trainer is built (the
+    weights, a reference copy, the data): `peak_mib - setup_mib` is what training itself adds (activations,
+    gradients, optimizer state)."""
     out = subprocess.run([sys.executable, __file__, "--_memory_child", variant, "--_model", model_path,
                           "--configs", config_name, "--steps", str(steps)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def vm_hwm_mib() -> float:
@@ -291,7 +294,11 @@ def compare(config_name: str, rounds: int, steps: int, variants=VARIANTS) -> dic
         "head_m": VOCAB * shape.hidden / 1e6, "layout": extra["layout"], "step_s": median,
         "speedup": {v: median[v] / median["plus"] for v in round_ratios},
         "speedup_rounds": {v: [round(x, 3) for x in xs] for v, xs in round_ratios.items()},
-        "peak_mib": memory, "memory_ratio": {v: memory["plus"] / memory[v] for v in round_ratios},
+        "peak_mib": {v: m["peak_mib"] for v, m in memory.items()},
+        "training_mib": {v: m["peak_mib"] - m["setup_mib"] for v, m in memory.items()},
+        "memory_ratio": {v: memory["plus"]["peak_mib"] / memory[v]["peak_mib"] for v in round_ratios},
+        "training_memory_ratio": {v: (memory["plus"]["peak_mib"] - memory["plus"]["setup_mib"])
+                                  / max(memory[v]["peak_mib"] - memory[v]["setup_mib"], 1.0) for v in round_ratios},
         "max_loss_diff": {v: max(abs(a - b) for a, b in zip(losses[v], losses["plus"])) for v in round_ratios},
         "losses": losses, "slots": {v: extra[v]["slots"] for v in variants},
         "real_tokens": counts["tokens"], "floor_flops": floor_flops(counts, body, shape.hidden),
@@ -316,11 +323,13 @@ def main():
         config_name = args.configs[0]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        measure = (lambda: torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else vm_hwm_mib
         with variant_context(args._memory_child):
-            build(args._memory_child, args._model, load_pairs(CONFIGS[config_name].prompts), config_name,
-                  args.steps).train()
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else vm_hwm_mib()
-        print(json.dumps({"peak_mib": peak}))
+            trainer = build(args._memory_child, args._model, load_pairs(CONFIGS[config_name].prompts), config_name,
+                            args.steps)
+            setup = measure()
+            trainer.train()
+        print(json.dumps({"peak_mib": measure(), "setup_mib": setup}))
         return
 
     rate = matmul_rate()
@@ -332,7 +341,7 @@ def main():
     results = []
     others = [v for v in args.variants if v != "plus"]
     print(f"\n{'config':<20} {'layout':<26} " + " ".join(f"{'vs ' + v:>16}" for v in others)
-          + f" {'mem vs trl-gpu':>14} {'loss diff':>9} {'slots trl/ours':>14} {'floor/ours':>10}")
+          + f" {'mem vs trl-gpu':>14} {'train mem':>9} {'loss diff':>9} {'slots trl/ours':>14} {'floor/ours':>10}")
     for name in args.configs:
         res = compare(name, args.rounds, args.steps, args.variants)
         res["floor_s"] = res["floor_flops"] / rate
@@ -341,9 +350,11 @@ def main():
                          .rjust(16) for v in others)
         base = "trl-gpu" if "trl-gpu" in others else others[0]
         print(f"{name:<20} {res['layout']:<26} {cells} {res['memory_ratio'][base]:>13.2f}x "
+              f"{res['training_memory_ratio'][base]:>8.2f}x "
               f"{max(res['max_loss_diff'].values()):>9.1e} {res['slots'][base] / res['slots']['plus']:>13.2f}x "
               f"{res['floor_s'] / res['step_s']['plus']:>10.2f}", flush=True)
-    print("(vs X: X's median step time / ours, per round in brackets; mem: our peak / X's; loss diff: max over steps "
+    print("(vs X: X's median step time / ours, per round in brackets; mem: our peak / X's; train mem: what training "
+          "adds to the peak once the trainer is built, ours / X's; loss diff: max over steps "
           "of |loss ours − X| on the same pairs; slots: rows × width of the batch the model runs; floor/ours: the "
           "floor's time / our step time, 1.0 = no waste)")
     if args.json:

@@ -1,6 +1,5 @@
 """The docs build strictly, their loss table comes from the registry, and every Python snippet in them runs."""
 
-import os
 import re
 import runpy
 import subprocess

@@ -2,7 +2,6 @@
 and the paired <-> unpaired helper."""
 
 import pytest
-import torch
 import trl
 from datasets import Dataset
 from peft import LoraConfig

@@ -5,7 +5,6 @@ import logging
 
 import pytest
 import torch
-from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 

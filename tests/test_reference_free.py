@@ -1,7 +1,6 @@
 """Reference-free losses load no reference model and run no reference forward; others still do."""
 
 import pytest
-import torch
 from peft import LoraConfig
 from trl.trainer import dpo_trainer
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
 from conftest import make_pairs
