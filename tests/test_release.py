@@ -27,6 +27,10 @@ def test_sdist_and_wheel_install_in_a_clean_venv_and_list_the_losses(tmp_path):
     assert len(list((tmp_path / "dist").glob("trl_dpo_plus-*.tar.gz"))) == 1
     names = set(zipfile.ZipFile(wheel).namelist())
     assert PACKAGE_DATA and not [f for f in PACKAGE_DATA if f not in names]  # the wheel was built from the sdist
+    assert "trl_dpo_plus/py.typed" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    metadata = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    assert "License-Expression: Apache-2.0" in metadata and "Requires-Dist: trl<2,>=1.16" in metadata
+    assert "Deprecat" not in built.stdout + built.stderr, "the build warns: " + (built.stdout + built.stderr)[-2000:]
 
     venv.create(tmp_path / "env", with_pip=True)
     python = tmp_path / "env" / "bin" / "python"

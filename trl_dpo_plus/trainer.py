@@ -2,7 +2,7 @@
 
 This class holds the seams on TRL and Transformers and nothing else; every job behind them has a file of its own
 (`layout/`, `data_kinds/`, `metrics.py`, `prepared.py`, `reference_cache.py`, `diagnostics/`). The seams, each pinned
-in `tests/test_trl_contract.py`, which fails loudly when the upstream code changes:
+in `contract.py` (checked when a trainer is built, and by `tests/test_trl_contract.py`):
 
 - TRL's private `_compute_loss` (TRL hard-codes its losses there): forward in the chosen layout, the data kind's batch,
   the registry's losses, metrics;
@@ -38,6 +38,7 @@ from trl.trainer import utils as _trl_utils
 
 from .config import DPOPlusConfig, check_processes, release_unused_reference
 from .console import install_compact_console
+from .contract import check_trl_contract
 from .data import check_model_path, check_trainer_datasets
 from .data_kinds import data_kind_for
 from .diagnostics import DiagnosticCallback, PairStatistics, callbacks_to_add, restore_states, write_interrupted_report
@@ -97,6 +98,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             model, kwargs["peft_config"], kwargs["quantization_config"] = prepare_adapter_training(
                 model, args, kwargs.get("peft_config"), kwargs.get("quantization_config"))
         check_model_path(model)
+        check_trl_contract()
         ref_model = release_unused_reference(ref_model, self.loss_specs)
 
         self.layout, self.layout_reason = PaddedPairLayout(), "not chosen yet"
@@ -307,8 +309,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             super()._save_checkpoint(model, trial)
 
     def end(self):
-        """Finish the trackers once every process got here (tearing the group down while the main process still
-        wrote the report and card aborted the other rank, about 1 run in 6 on two CPU processes)."""
+        """Finish once every process got here (an earlier teardown aborted the other rank, 1 run in 6 on 2 CPUs)."""
         self.accelerator.wait_for_everyone()
         super().end()
 
