@@ -114,6 +114,20 @@ def test_dataset_without_the_columns_says_which(tmp_path, capsys):
     assert "has ['question', 'answer']" in capsys.readouterr().err
 
 
+def test_version_names_every_package_it_runs_on(capsys):
+    from trl_dpo_plus import __version__
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"trl-dpo-plus {__version__} (trl 1.16") and "transformers 5." in out and "torch " in out
+
+
+def test_losses_piped_into_head_ends_quietly():
+    piped = subprocess.run(f"{sys.executable} -m trl_dpo_plus.cli losses | head -1", shell=True, capture_output=True,
+                           text=True, timeout=60)
+    assert piped.stdout.startswith("loss") and piped.stderr == ""
+
+
 def test_help_and_losses_do_not_load_torch():
     """`--help` and `losses` answer in well under a second because nothing heavy is imported (torch alone takes
     ~2 s on a small CPU machine); checked by what is imported, not by a clock."""

@@ -409,11 +409,40 @@ def losses(argv: list[str]) -> int:
     return 0
 
 
+def version_line() -> str:
+    """`trl-dpo-plus X (trl Y, transformers Z, ...)` from the installed metadata, without importing torch or TRL."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    from . import __version__
+
+    others = ", ".join(f"{dist} {installed(dist)}" for dist in ("trl", "transformers", "peft", "torch"))
+    return f"trl-dpo-plus {__version__} ({others})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The `trl-dpo-plus` command; output piped into `head` ends quietly."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # the reader closed the pipe: no traceback, and none when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     top = argparse.ArgumentParser(prog="trl-dpo-plus", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     top.add_argument("command", choices=COMMANDS)
+    top.add_argument("--version", action="store_true", help="print the versions of trl-dpo-plus, TRL, Transformers, "
+                     "PEFT and torch, and exit")
+    if argv[:1] == ["--version"]:
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
