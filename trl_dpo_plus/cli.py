@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import logging
 import os
+import re
 import sys
 import warnings
+from typing import NoReturn
 
 COMMANDS = ("train", "compare", "losses", "demo", "run")
 EMBEDDED_MODEL = "trl-dpo-plus:stories260K"  # not a Hub id (":" is not allowed there), so never mistaken for one
@@ -38,7 +41,23 @@ def make_train_parser(prog: str = "trl-dpo-plus train", extra: tuple = ()):
     for action in parser._actions:  # choices from the registry as it is now (plugins included)
         if action.dest == "loss_type":
             action.choices = list_losses()
+    parser.error = functools.partial(short_error, parser.prog)
     return parser
+
+
+def short_error(prog: str, message: str) -> NoReturn:
+    """argparse's error without the usage (200 lines of options; `--help` has them): the offending part and a fix,
+    a did-you-mean from the registry for `--loss_type`, exit 2."""
+    match = re.search(r"argument --loss_type[^:]*: invalid choice: '([^']*)'", message)
+    if match:
+        from .losses import get_loss
+
+        try:
+            get_loss(match.group(1))
+        except (KeyError, ValueError) as err:
+            message = f"--loss_type: {str(err).strip(chr(39))}"
+    sys.stderr.write(f"{prog}: error: {message}\n(every option: {prog} --help)\n")
+    sys.exit(2)
 
 
 def explicit_options(argv: list[str]) -> set[str]:
@@ -52,6 +71,19 @@ def explicit_options(argv: list[str]) -> set[str]:
     return names
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is when a record is emitted (not the one at set-up, which a
+    notebook or a test harness may have replaced and closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _quiet_console() -> None:
     """Our notices as one-line messages; upstream deprecation warnings a user cannot act on, silenced."""
     # TRL's DPOConfig sets `gradient_checkpointing`, which Transformers 5 renamed: nothing for the user to change.
@@ -61,7 +93,7 @@ def _quiet_console() -> None:
         package.setLevel(logging.ERROR)
         return
     if not package.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("trl-dpo-plus: %(message)s"))
         package.addHandler(handler)
     package.setLevel(logging.INFO)

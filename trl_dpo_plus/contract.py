@@ -50,6 +50,8 @@ def source_digest(module: str, qualname: str) -> str:
     obj = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
+        if inspect.isclass(obj) and not obj.__module__.startswith("trl."):  # `trl-dpo-plus run` put ours there
+            obj = next(c for c in obj.__mro__ if c.__module__ == module and c.__name__ == part)
     return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
 
 
