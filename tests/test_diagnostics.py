@@ -178,3 +178,31 @@ def test_checkpoint_action_saves_the_last_healthy_model_and_stops(tmp_path):
     assert trainer.state.global_step < 24  # stopped early
     healthy_step = int(saved[0].name.rsplit("-", 1)[1])
     assert healthy_step < trainer.state.global_step
+
+
+def test_a_lora_run_at_trls_full_finetuning_rate_is_flagged_as_not_learning(tmp_path, caplog):
+    """TRL's default learning rate (1e-6) with an adapter: margins stay within noise, and the detector says so."""
+    import logging
+
+    from trl_dpo_plus import DPOConfig, DPOTrainer, default_model_path
+
+    args = DPOConfig(output_dir=str(tmp_path), learning_rate=1e-7, lora=True, max_steps=6, logging_steps=1,
+                     per_device_train_batch_size=4, report_to=[], save_strategy="no", use_cpu=True,
+                     gradient_checkpointing=False, max_length=64)
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus"):
+        DPOTrainer(default_model_path(), args=args, train_dataset=make_pairs(24)).train()
+    assert "not_learning" in caplog.text and "learning_rate=1e-07" in caplog.text and "1e-5 to 1e-4" in caplog.text
+    flags = json.loads((tmp_path / "diagnostics.json").read_text())["train"]["flags"]
+    assert [f["flag"] for f in flags if f["flag"] == "not_learning"] == ["not_learning"]
+
+
+def test_the_adapter_presets_train_at_an_adapter_rate_unless_one_is_set(caplog):
+    import logging
+
+    from trl_dpo_plus import DPOConfig
+
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
+        preset = DPOConfig(output_dir="x", lora=True, report_to=[])
+    assert preset.learning_rate == 5e-5 and "learning_rate=5e-05" in caplog.text
+    assert DPOConfig(output_dir="x", lora=True, learning_rate=2e-4, report_to=[]).learning_rate == 2e-4
+    assert DPOConfig(output_dir="x", report_to=[]).learning_rate == 1e-6  # full fine-tuning: TRL's own default

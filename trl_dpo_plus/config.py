@@ -64,10 +64,12 @@ class DPOPlusConfig(DPOConfig):
         qlora (`bool`, *optional*, defaults to `False`):
             Load the model in 4-bit NF4 with LoRA on all linear layers (`trl_dpo_plus.qlora_defaults()`); the
             reference model is the adapter-disabled base. `peft_config`/`quantization_config` override the preset.
+            With TRL's default `learning_rate` (1e-6, a full fine-tuning rate) the preset trains at 5e-5 instead.
         lora (`bool`, *optional*, defaults to `False`):
-            LoRA without quantisation, same preset.
+            LoRA without quantisation, same preset (and the same learning rate).
         diagnostics (`bool`, *optional*, defaults to `True`):
-            Add the diagnostics callbacks (reward margins, likelihood displacement, length bias) and write
+            Add the diagnostics callbacks (reward margins, likelihood displacement, length bias, non-finite values,
+            no learning) and write
             `diagnostics.json` and `diagnostics.png` into `output_dir`.
         diagnostics_action (`str`, *optional*, defaults to `"warn"`):
             What a diagnostics flag does: `"warn"`, `"stop"` or `"checkpoint"`.
@@ -282,6 +284,13 @@ class DPOPlusConfig(DPOConfig):
             raise ValueError(f"diagnostics_action={self.diagnostics_action!r}: choose 'warn', 'stop' or 'checkpoint'")
         if self.qlora and self.lora:
             raise ValueError("Set qlora=True or lora=True, not both (QLoRA is LoRA on a 4-bit base)")
+        default_rate = type(self).__dataclass_fields__["learning_rate"].default
+        if (self.qlora or self.lora) and self.learning_rate == default_rate:
+            # TRL's default is a full fine-tuning rate: LoRA adapters barely move at it in tens of steps
+            self.learning_rate = ADAPTER_LEARNING_RATE
+            logger.info("%s=True: learning_rate=%g (TRL's default %g is a full fine-tuning rate, at which adapters "
+                        "barely move); set learning_rate to choose another", "qlora" if self.qlora else "lora",
+                        ADAPTER_LEARNING_RATE, default_rate)
         if (self.qlora or self.lora) and self.sync_ref_model:
             raise ValueError(
                 f"{'qlora' if self.qlora else 'lora'}=True uses the adapter-disabled base as the reference, which cannot "
@@ -461,6 +470,9 @@ class DPOPlusConfig(DPOConfig):
         kwargs.update(self.loss_kwargs.get(name, {}))
         return validate_loss_kwargs(name, kwargs)
 
+
+# The `lora`/`qlora` presets' learning rate when none is set (LoRA DPO recipes train at 5e-6 to 1e-4)
+ADAPTER_LEARNING_RATE = 5e-5
 
 # What Transformers and TRL leave unchecked until deep in training (a ZeroDivisionError for
 # gradient_accumulation_steps=0): field -> (smallest allowed, whether the smallest is allowed, what it means)

@@ -1,6 +1,6 @@
 """Diagnostics: reward margins, likelihood displacement, length bias, non-finite values, and the end-of-run report.
 
-One detector per file (`margins`, `displacement`, `length_bias`, `nonfinite`) on the base in `base`; `statistics`
+One detector per file (`margins`, `displacement`, `length_bias`, `nonfinite`, `no_learning`) on the base in `base`; `statistics`
 holds what they read; `report` writes `diagnostics.json`/`.png` from the log history.
 """
 
@@ -16,6 +16,7 @@ from .base import ACTIONS, REMEDIES, DiagnosticCallback, Flag, restore_states
 from .displacement import LikelihoodDisplacementCallback
 from .length_bias import LengthBiasCallback
 from .margins import RewardMarginCallback
+from .no_learning import NoLearningCallback
 from .nonfinite import NonFiniteCallback
 from .report import (
     DiagnosticsReportCallback,
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def default_callbacks(action: str = "warn") -> list[DiagnosticCallback]:
     return [RewardMarginCallback(action=action), LikelihoodDisplacementCallback(action=action),
-            LengthBiasCallback(action=action), NonFiniteCallback(action=action)]
+            LengthBiasCallback(action=action), NonFiniteCallback(action=action), NoLearningCallback(action=action)]
 
 
 def callbacks_to_add(existing: list[TrainerCallback], args, sides: tuple[str, str] = ("chosen", "rejected")):
@@ -66,6 +67,7 @@ __all__ = [
     "Flag",
     "LengthBiasCallback",
     "LikelihoodDisplacementCallback",
+    "NoLearningCallback",
     "NonFiniteCallback",
     "PairStatistics",
     "RewardMarginCallback",
