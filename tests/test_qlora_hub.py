@@ -225,3 +225,34 @@ def test_lm_head_target_and_sync_ref_are_refused(tiny_models, tokenizer, tmp_pat
         DPOConfig(output_dir=str(tmp_path), report_to=[], qlora=True, sync_ref_model=True)
     with pytest.raises(ValueError, match="not both"):
         DPOConfig(output_dir=str(tmp_path), report_to=[], qlora=True, lora=True)
+
+
+def test_a_saved_adapter_names_its_base_by_hub_id_and_loads_from_another_path(tiny_models, tokenizer, tmp_path):
+    import json
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = train(tiny_models["llama"], tokenizer, tmp_path / "run", lora=True, base_model="my-org/tiny-llama")
+    trainer.save_model()
+    moved = shutil.copytree(tmp_path / "run", tmp_path / "elsewhere" / "adapter")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "my-org/tiny-llama"  # not this machine's path
+    assert ModelCard.load(moved / "README.md").data.base_model == "my-org/tiny-llama"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), str(moved))
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, trainer.model.cpu()(ids).logits, atol=1e-5)
+
+
+def test_a_local_base_without_a_hub_id_warns_at_save_and_refuses_push(tiny_models, tokenizer, tmp_path, caplog):
+    import logging
+    from unittest import mock
+
+    trainer = train(tiny_models["llama"], tokenizer, tmp_path, lora=True)
+    with caplog.at_level(logging.WARNING, logger="trl_dpo_plus"):
+        trainer.save_model()
+    assert "has no Hub id" in caplog.text and "--base_model" in caplog.text
+    with mock.patch.object(trainer.args, "push_to_hub", True), pytest.raises(ValueError, match="push_to_hub.*base_model"):
+        trainer.save_model()

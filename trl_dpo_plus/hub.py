@@ -7,6 +7,7 @@ The card is built with `huggingface_hub.ModelCard.from_template` (YAML metadata 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -228,6 +229,39 @@ def write_model_card(trainer, output_dir: str | None = None, tags: str | list[st
     tags = [tags] if isinstance(tags, str) else tags
     best_effort("the model card", path, lambda: build_model_card(
         trainer, tags=tags, output_dir=output_dir, **kwargs).save(str(path)))
+
+
+def adapter_base_id(trainer, warn: bool = True) -> str | None:
+    """The Hub id a saved adapter names as its base (`base_model`, or the one inferred), so the folder loads on any
+    machine; `None` for a full model, or a local base with no Hub id: then a warning (with `warn`), and for
+    `push_to_hub` an error before anything is written or pushed (no one could load the pushed adapter)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not isinstance(model, PeftModel):
+        return None
+    base = getattr(model.get_base_model().config, "_name_or_path", "") or ""
+    repo = trainer.args.base_model or hub_id(base)
+    if repo is None:
+        message = (f"the adapter's base is the local folder {display_name(base)!r}, which has no Hub id: "
+                   "adapter_config.json names its path, so the adapter loads only where that folder exists. Set "
+                   "base_model (--base_model) to the base's Hub id")
+        if trainer.args.push_to_hub:
+            raise ValueError(f"push_to_hub: {message} before pushing.")
+        if warn and trainer.is_world_process_zero():
+            logging.getLogger(__name__).warning("%s.", message)
+    return repo
+
+
+def name_adapter_base(output_dir: str, repo: str | None) -> None:
+    """Write `repo` as the base of the adapter saved in `output_dir` (`adapter_config.json`), where there is one."""
+    import json
+
+    config_path = Path(output_dir) / "adapter_config.json"
+    if repo is None or not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("base_model_name_or_path") != repo:
+        config["base_model_name_or_path"] = repo
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def merge_and_save(model, output_dir: str | os.PathLike, *, dequantize: bool = False, tokenizer=None,

@@ -42,7 +42,7 @@ from .contract import check_trl_contract
 from .data import check_model_path, check_trainer_datasets
 from .data_kinds import data_kind_for
 from .diagnostics import DiagnosticCallback, PairStatistics, callbacks_to_add, restore_states, write_interrupted_report
-from .hub import write_model_card
+from .hub import adapter_base_id, name_adapter_base, write_model_card
 from .layout import ForwardContext, PaddedPairLayout, choose_layout, padded_outputs, verify_first_batch
 from .losses import get_loss
 from .losses.transforms import wpo_weights
@@ -299,8 +299,10 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
             write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, output_dir=output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        base = adapter_base_id(self, warn=not _internal_call)  # before anything is written or pushed
         with disk_full_named(f"the model to {output_dir or self.args.output_dir}"):
             super().save_model(output_dir, _internal_call)
+        name_adapter_base(output_dir or self.args.output_dir, base if self.is_world_process_zero() else None)
         if not _internal_call:  # push_to_hub and checkpoints write their own card
             self.create_model_card(output_dir=output_dir)
 
