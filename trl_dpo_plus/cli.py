@@ -6,6 +6,9 @@
     trl-dpo-plus compare --model_name_or_path ... --dataset_name pairs.jsonl --test_split_size 0.1 \
         --loss_type sigmoid ipo:beta=0.5 simpo [--reward_fn my_rewards:score]   one run per loss, one table
     trl-dpo-plus losses                      the registry: names, data kind, reference-free, defaults, papers
+    trl-dpo-plus report out/                 a run's diagnostics in words (flags, margins, displacement), the plot rebuilt
+    trl-dpo-plus sample out/ --prompt "..."  the adapter's completion beside the base's
+    trl-dpo-plus merge out/ merged/          the base with the adapter merged in (its own dtype), tokenizer and card
     trl-dpo-plus demo [--losses sigmoid simpo ...]
     trl-dpo-plus run my_trl_dpo_script.py --loss_type simpo ...   an unchanged TRL script with our trainer
 """
@@ -23,7 +26,7 @@ import sys
 import warnings
 from typing import NoReturn
 
-COMMANDS = ("train", "compare", "losses", "demo", "run")
+COMMANDS = ("train", "compare", "losses", "report", "sample", "merge", "demo", "run")
 EMBEDDED_MODEL = "trl-dpo-plus:stories260K"  # not a Hub id (":" is not allowed there), so never mistaken for one
 LAUNCHED_ENV = "TRL_DPO_PLUS_LAUNCHED"  # set for the processes `accelerate launch` starts, so they do not launch again
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
@@ -441,6 +444,36 @@ def losses(argv: list[str]) -> int:
     return 0
 
 
+def after_training(command: str, argv: list[str]) -> int:
+    """`report RUN_DIR`, `sample RUN_DIR --prompt ...`, `merge RUN_DIR OUT`: errors in one line, exit 2."""
+    from . import tools
+
+    parser = argparse.ArgumentParser(prog=f"trl-dpo-plus {command}", description=getattr(tools, command).__doc__)
+    parser.add_argument("run_dir", help="a folder trl-dpo-plus train (or save_model) wrote, or a checkpoint-N in it")
+    if command == "sample":
+        parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+        parser.add_argument("--max_new_tokens", type=int, default=48)
+    if command == "merge":
+        parser.add_argument("output_dir", help="where to write the merged model")
+        parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base's own")
+    if command in ("sample", "merge"):
+        parser.add_argument("--base", help="the base model (default: the one adapter_config.json names)")
+    parser.error = functools.partial(short_error, parser.prog)
+    args = parser.parse_args(argv)
+    try:
+        if command == "report":
+            print(tools.report(args.run_dir))
+        elif command == "sample":
+            for row in tools.sample(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, base=args.base):
+                print(f"prompt:  {row['prompt']}\nadapter: {row['adapter']}\nbase:    {row['base']}\n")
+        else:
+            out = tools.merge(args.run_dir, args.output_dir, dtype=args.dtype, base=args.base)
+            print(f"Merged model written to {out} (weights, tokenizer, README.md)")
+    except (FileNotFoundError, OSError, ValueError) as err:
+        short_error(parser.prog, str(err))
+    return 0
+
+
 def version_line() -> str:
     """`trl-dpo-plus X (trl Y, transformers Z, ...)` from the installed metadata, without importing torch or TRL."""
     from importlib.metadata import PackageNotFoundError, version
@@ -486,6 +519,8 @@ def _main(argv: list[str]) -> int:
         return losses(rest)
     if command == "compare":
         return compare_command(rest)
+    if command in ("report", "sample", "merge"):
+        return after_training(command, rest)
     if command == "demo":
         from .demo import main as demo_main
 

@@ -265,10 +265,10 @@ def name_adapter_base(output_dir: str, repo: str | None) -> None:
 
 
 def merge_and_save(model, output_dir: str | os.PathLike, *, dequantize: bool = False, tokenizer=None,
-                   dtype: torch.dtype = torch.bfloat16) -> Path:
+                   dtype: torch.dtype | str = "auto") -> Path:
     """Write a merged full model (base + LoRA) for people who want one.
 
-    The base is reloaded from its path in `dtype` and the adapter merged into it, so the trained model is left as it
+    The base is reloaded from its path in `dtype` (default: its own) and the adapter merged into it, so the trained model is left as it
     is. A 4-bit base is refused unless `dequantize=True`: merging into NF4 weights re-quantises them (lossy), so the
     base is reloaded unquantised instead, which needs the full-precision weights and the memory for them.
     """
