@@ -177,3 +177,13 @@ def test_run_refuses_missing_and_non_dpo_scripts(tmp_path):
     (tmp_path / "fake.py").write_text("# mentions DPOTrainer but never builds one\nprint('hi')\n")
     result = run_cli("run", str(tmp_path / "fake.py"), cwd=tmp_path)
     assert result.returncode == 3 and "without creating a DPOTrainer" in result.stderr
+
+
+def test_our_config_and_imports_print_no_upstream_notice():
+    """No Transformers FutureWarning from TRL's defaults, no bitsandbytes/DeepSpeed notice on a CPU machine."""
+    code = ("import trl_dpo_plus, peft, accelerate; from trl_dpo_plus import DPOConfig; "
+            "DPOConfig(output_dir='x', report_to=[]); import deepspeed")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for notice in ("FutureWarning", "gemm_4bit_forward", "Setting accelerator to CPU"):
+        assert notice not in run.stderr, run.stderr[-2000:]

@@ -9,7 +9,26 @@ Names are imported on first use (as TRL and Transformers do), so `import trl_dpo
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
+
+
+class _DropNotice(logging.Filter):
+    """Drops one upstream notice that a user of this package cannot act on (the fallback it announces works)."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+# Printed on every run on a CPU by optional dependencies, before any of our code runs: bitsandbytes' note that an
+# optional faster CPU kernel (the `kernels` package) is missing, and DeepSpeed's accelerator detection on a CPU-only
+# machine. Silenced at their source loggers, and only these two messages.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropNotice("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("DeepSpeed").addFilter(_DropNotice("Setting accelerator to CPU"))
 
 __version__ = "0.1.0"
 

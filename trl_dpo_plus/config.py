@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,7 +384,10 @@ class DPOPlusConfig(DPOConfig):
                 self.precompute_ref_log_probs = False
             if self.sync_ref_model:
                 raise ValueError(f"`sync_ref_model=True` needs a reference model, but {self.loss_type} is reference-free")
-        super().__post_init__()
+        with warnings.catch_warnings():
+            # TRL's own default sets `gradient_checkpointing`, which Transformers 5 renamed: nothing to act on
+            warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+            super().__post_init__()
         if self.accelerator_config.dispatch_batches is None:
             # The packed layouts' batches hold tensors of different first sizes (rows, pairs, segments); Accelerate's
             # dispatch of an IterableDataset's batches would cut every one to the first tensor's rows
