@@ -103,3 +103,9 @@ def test_the_command_line_reports_a_bad_scorer_in_one_line_without_usage(stories
     err = capsys.readouterr().err
     assert code == 2 and "usage:" not in err
     assert "error: reward_fn score raised KeyError" in err and "before any run trained" in err
+
+
+def test_each_accuracy_carries_its_standard_error():
+    from trl_dpo_plus.compare.report import _with_error
+
+    assert _with_error(0.52, 294) == "0.52 ± 0.03" and _with_error(None, 10) == "—"

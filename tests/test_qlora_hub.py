@@ -100,7 +100,7 @@ def test_qlora_adapter_folder_reloads_with_the_same_logps_and_a_card(qlora_run, 
     assert difference < 3e-4 * trained.abs().max() and difference * 10 < moved  # bf16 noise, not a lost adapter
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     meta = card.data.to_dict()["trl_dpo_plus"]
-    assert meta["quantization"]["bnb_4bit_quant_type"] == "nf4" and meta["quantization"]["bnb_4bit_use_double_quant"] == "True"
+    assert meta["quantization"]["bnb_4bit_quant_type"] == "nf4" and meta["quantization"]["bnb_4bit_use_double_quant"] is True
     assert meta["lora"]["r"] == 16 and meta["reference"] == "adapter-disabled base model (one model in memory)"
     assert "qlora" in card.data.tags
     with pytest.raises(ValueError, match="pass dequantize=True"):

@@ -284,7 +284,9 @@ def train(argv: list[str]) -> int:
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=dataset_name)
-    trainer.accelerator.print(f"Saved to {training_args.output_dir} (model card: README.md, diagnostics.json/.png)")
+    written = [name for name in ("README.md", "diagnostics.json", "diagnostics.png")
+               if os.path.exists(os.path.join(training_args.output_dir, name))]
+    trainer.accelerator.print(f"Saved to {training_args.output_dir}" + (f" ({', '.join(written)})" if written else ""))
     nonfinite = nonfinite_weights(trainer.accelerator.unwrap_model(trainer.model))
     if nonfinite:  # the default diagnostics_action='warn' lets a diverged run finish: never a silent exit 0
         trainer.accelerator.print(f"error: the final weights hold NaN or infinity in {len(nonfinite)} tensors (e.g. "

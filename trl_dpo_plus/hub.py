@@ -70,7 +70,8 @@ def _quantization(model) -> dict | None:
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     keys = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
             "bnb_4bit_quant_storage")
-    return {k: str(config[k]) for k in keys if k in config}
+    # Booleans stay booleans in the card's YAML; dtypes and enums become their names
+    return {k: config[k] if isinstance(config[k], (bool, int, float)) else str(config[k]) for k in keys if k in config}
 
 
 def _lora(model) -> dict | None:

@@ -29,7 +29,7 @@ class Comparison:
 
 COLUMNS = {
     "reward acc": "held-out reward accuracy: share of held-out pairs whose chosen reward (as the run's loss defines "
-                  "it) beats the rejected one",
+                  "it) beats the rejected one, ± its standard error √(p(1−p)/n) over the n held-out pairs",
     "margin p10/p50/p90": "quantiles of the held-out reward margin (chosen − rejected reward, the loss's own scale)",
     "chosen / rejected log-ratio": "mean log π − log π_ref per token of the held-out chosen / rejected completions; "
                                    "rejected falling far faster than chosen rises, or chosen below 0, is likelihood "
@@ -58,6 +58,14 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _with_error(accuracy: float | None, pairs: int | None) -> str:
+    """An accuracy with its standard error over `pairs` held-out pairs, `√(p(1−p)/n)`: 0.52 ± 0.03 and 0.54 ± 0.03
+    on 294 pairs are not a ranking."""
+    if accuracy is None or not pairs or not math.isfinite(accuracy):
+        return _fmt(accuracy)
+    return f"{accuracy:.2f} ± {math.sqrt(accuracy * (1 - accuracy) / pairs):.2f}"
+
+
 def markdown_table(comparison: Comparison) -> str:
     generation = bool(comparison.base_generation)
     header = ["run", "reward acc", "margin p10/p50/p90", "chosen / rejected log-ratio", "length R²", "KL/token"]
@@ -76,7 +84,7 @@ def markdown_table(comparison: Comparison) -> str:
         q = h.get("margin_quantiles") or [None] * 3
         ratios = "—" if h.get("chosen_logratio_per_token") is None else (
             f"{h['chosen_logratio_per_token']:+.3f} / {h['rejected_logratio_per_token']:+.3f}")
-        cells = [name, _fmt(h.get("reward_accuracy")), " / ".join(_fmt(v) for v in q), ratios,
+        cells = [name, _with_error(h.get("reward_accuracy"), h.get("pairs")), " / ".join(_fmt(v) for v in q), ratios,
                  _fmt(h.get("length_r2")), _fmt(h.get("kl_per_token"), 4)]
         if generation:
             g = r.generation
