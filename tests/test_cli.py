@@ -187,3 +187,22 @@ def test_our_config_and_imports_print_no_upstream_notice():
     assert run.returncode == 0, run.stderr[-2000:]
     for notice in ("FutureWarning", "gemm_4bit_forward", "Setting accelerator to CPU"):
         assert notice not in run.stderr, run.stderr[-2000:]
+
+
+def test_a_missing_model_is_one_line_and_debug_shows_the_traceback(pairs_dir, tmp_path, capsys):
+    argv = ["train", "--model_name_or_path", str(tmp_path / "nope"), "--dataset_name", str(pairs_dir),
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "error: building the trainer: FileNotFoundError: Model path" in err and "--debug" in err
+    with pytest.raises(FileNotFoundError):
+        main([*argv, "--debug"])
+
+
+def test_train_help_lists_the_launch_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--accelerate_config NAME|FILE" in out and "--num_processes N" in out

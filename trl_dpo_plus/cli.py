@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -45,6 +46,10 @@ def make_train_parser(prog: str = "trl-dpo-plus train", extra: tuple = ()):
         if action.dest == "loss_type":
             action.choices = list_losses()
     parser.error = functools.partial(short_error, parser.prog)
+    parser.epilog = ("Launch options, passed to `accelerate launch` (one process without them): --accelerate_config "
+                     "NAME|FILE (TRL's zero1, zero2, zero3, fsdp1, fsdp2, multi_gpu, single_gpu, or a YAML), "
+                     "--num_processes N, --num_machines N, --main_process_port PORT, and accelerate launch's other "
+                     "flags. --debug: tracebacks instead of one-line errors.")
     return parser
 
 
@@ -259,6 +264,8 @@ def _resolve_model(parser, model_args, training_args) -> None:
 
 def train(argv: list[str]) -> int:
     _quiet_console()
+    debug = "--debug" in argv  # tracebacks instead of the one-line errors
+    argv = [a for a in argv if a != "--debug"]
     parser = make_train_parser()
     *parsed, config_remaining, cli_remaining = _parse(parser, argv)
     script_args, training_args, model_args, dataset_args = parsed
@@ -275,12 +282,13 @@ def train(argv: list[str]) -> int:
 
     peft_config, quantization_config = _peft_and_quantization(argv, training_args, model_args)
     dataset_name = script_args.dataset_name or mixture_names(dataset_args)
-    trainer = DPOPlusTrainer(
-        model=model_args.model_name_or_path, args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        quantization_config=quantization_config, peft_config=peft_config,
-    )
+    with _one_line_errors(parser, debug, "building the trainer"):  # the model, the data, the Hub: before training
+        trainer = DPOPlusTrainer(
+            model=model_args.model_name_or_path, args=training_args,
+            train_dataset=dataset[script_args.dataset_train_split],
+            eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+            quantization_config=quantization_config, peft_config=peft_config,
+        )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=dataset_name)
@@ -293,10 +301,23 @@ def train(argv: list[str]) -> int:
                                   f"{nonfinite[0]}): the run diverged and the saved model is not usable (the card says "
                                   "so). Train again with a lower learning rate, or --diagnostics_action checkpoint.")
     elif training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=dataset_name)
+        with _one_line_errors(parser, debug, "pushing to the Hub (the trained model is saved)"):
+            trainer.push_to_hub(dataset_name=dataset_name)
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}")
     trainer.end()
     return 1 if nonfinite else 0
+
+
+@contextlib.contextmanager
+def _one_line_errors(parser, debug: bool, stage: str):
+    """A config, data, model or Hub error as `prog: error: ...` and exit 2; the traceback with `--debug`."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as err:
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        short_error(parser.prog, f"{stage}: {type(err).__name__}: {message[:600]} (--debug shows the traceback)")
 
 
 def _resume_target(parser, training_args) -> str | None:
