@@ -206,3 +206,12 @@ def test_train_help_lists_the_launch_options(capsys):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--accelerate_config NAME|FILE" in out and "--num_processes N" in out
+
+
+def test_run_takes_the_embedded_model_alias(pairs_dir, tmp_path):
+    result = run_cli("run", str(ROOT / "examples" / "trl_dpo_script.py"), "--model_name_or_path",
+                     "trl-dpo-plus:stories260K", "--dataset_name", str(pairs_dir), "--max_steps", "1",
+                     "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                     "--use_cpu", "true", "--bf16", "false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "README.md").exists()

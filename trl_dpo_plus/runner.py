@@ -37,6 +37,18 @@ def trl_replaced():
             setattr(module, name, original)
 
 
+def _embedded_alias_resolved(arg: str) -> str:
+    """`trl-dpo-plus:stories260K` (the embedded model's alias, as in `train`) as its folder, which a script's own
+    `from_pretrained` can load; any other argument as it is."""
+    from .cli import EMBEDDED_MODEL
+
+    if arg in (EMBEDDED_MODEL, f"--model_name_or_path={EMBEDDED_MODEL}"):
+        from .assets import default_model_path
+
+        return arg.replace(EMBEDDED_MODEL, str(default_model_path()))
+    return arg
+
+
 def run_script(script: str, script_args: list[str]) -> int:
     path = Path(script)
     if not path.is_file():
@@ -48,7 +60,7 @@ def run_script(script: str, script_args: list[str]) -> int:
         return 2
     created_before = DPOPlusTrainer.instances_created
     argv = sys.argv
-    sys.argv = [str(path), *script_args]
+    sys.argv = [str(path), *(_embedded_alias_resolved(a) for a in script_args)]
     try:
         with trl_replaced():
             runpy.run_path(str(path), run_name="__main__")
