@@ -206,3 +206,11 @@ def test_the_adapter_presets_train_at_an_adapter_rate_unless_one_is_set(caplog):
     assert preset.learning_rate == 5e-5 and "learning_rate=5e-05" in caplog.text
     assert DPOConfig(output_dir="x", lora=True, learning_rate=2e-4, report_to=[]).learning_rate == 2e-4
     assert DPOConfig(output_dir="x", report_to=[]).learning_rate == 1e-6  # full fine-tuning: TRL's own default
+
+
+def test_the_report_series_do_not_repeat_the_last_step(tmp_path):
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=3, logging_steps=1, per_device_train_batch_size=4,
+                     report_to=[], save_strategy="no", use_cpu=True, gradient_checkpointing=False, max_length=64)
+    DPOTrainer(default_model_path(), args=args, train_dataset=make_pairs(12)).train()
+    series = json.loads((tmp_path / "diagnostics.json").read_text())["train"]["series"]
+    assert [step for step, _ in series["margin_mean"]] == [1, 2, 3]
