@@ -123,6 +123,12 @@ def plot_report(report: dict, path: str | Path, title: str = "trl-dpo-plus diagn
     length.set_ylabel("length bias")
     length.set_xlabel("step")
 
+    empty = {margin: "no reward margins were logged", loss: "no loss was logged",
+             length: "no length bias: unpaired data has no pairs to compare" if good != "chosen" else
+             "no length bias was logged (too few pairs per log)"}
+    for ax, why in empty.items():  # a panel with no data says why, instead of an empty frame
+        if not ax.lines and not ax.collections:
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
     for ax in (ratio, margin, length):
         ax.axhline(0, color="grey", lw=0.8)
     for ax in (ratio, margin, loss, length):

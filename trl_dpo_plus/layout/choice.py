@@ -136,13 +136,12 @@ def check_batch_intact(inputs: dict[str, torch.Tensor]) -> None:
     sequences = int(inputs["unpack_index"].shape[0])
     counts = {"sequences (unpack_index)": sequences, "sequences (unpack_completion)": int(inputs["unpack_completion"].shape[0])}
     counts.update({f"scored tokens ({key})": int(inputs[key].numel()) for key in ("gather_index", "scatter_seq", "scatter_pos")})
-    if inputs["scatter_seq"].numel():
-        counts["sequences (scatter_seq)"] = int(inputs["scatter_seq"].max()) + 1
     counts.update({f"pairs x 2 ({key})": 2 * int(inputs[key].shape[0])
                    for key in ("ref_chosen_logps", "ref_rejected_logps") if key in inputs})
     sequence_counts = {v for k, v in counts.items() if k.startswith(("sequences", "pairs"))}
     token_counts = {v for k, v in counts.items() if k.startswith("scored")}
-    if len(sequence_counts) > 1 or len(token_counts) > 1 or sequences % 2:
+    beyond = inputs["scatter_seq"].numel() and int(inputs["scatter_seq"].max()) >= sequences  # a token of no sequence
+    if len(sequence_counts) > 1 or len(token_counts) > 1 or sequences % 2 or beyond:
         raise RuntimeError(f"The packed batch was damaged before the model saw it ({counts}). This happens when "
                            "Accelerate dispatches batches (accelerator_config.dispatch_batches=True, e.g. for an "
                            "IterableDataset) with a packed layout: leave dispatch_batches unset (False here), or set "
