@@ -27,8 +27,9 @@ import sys
 import warnings
 from typing import NoReturn
 
+from .assets import EMBEDDED_MODEL  # the embedded model's alias (`run` reads it too)
+
 COMMANDS = ("train", "compare", "losses", "report", "sample", "merge", "demo", "run")
-EMBEDDED_MODEL = "trl-dpo-plus:stories260K"  # not a Hub id (":" is not allowed there), so never mistaken for one
 LAUNCHED_ENV = "TRL_DPO_PLUS_LAUNCHED"  # set for the processes `accelerate launch` starts, so they do not launch again
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
               "use_dora")

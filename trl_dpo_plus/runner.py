@@ -40,7 +40,7 @@ def trl_replaced():
 def _embedded_alias_resolved(arg: str) -> str:
     """`trl-dpo-plus:stories260K` (the embedded model's alias, as in `train`) as its folder, which a script's own
     `from_pretrained` can load; any other argument as it is."""
-    from .cli import EMBEDDED_MODEL
+    from .assets import EMBEDDED_MODEL
 
     if arg in (EMBEDDED_MODEL, f"--model_name_or_path={EMBEDDED_MODEL}"):
         from .assets import default_model_path

@@ -6,6 +6,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent
 DEFAULT_MODEL = ASSETS / "stories260K"
+EMBEDDED_MODEL = "trl-dpo-plus:stories260K"  # its alias on the command line: not a Hub id (":" is not allowed there)
 
 
 def default_model_path() -> str:
