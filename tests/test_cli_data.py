@@ -104,6 +104,6 @@ def test_qlora_cli_card_says_the_flags_that_were_used(tiny_models, tmp_path):
           "--license", "apache-2.0")
     data = ModelCard.load(out / "README.md").data
     quantization = data.to_dict()["trl_dpo_plus"]["quantization"]
-    assert quantization["bnb_4bit_quant_type"] == "fp4" and quantization["bnb_4bit_use_double_quant"] == "False"
+    assert quantization["bnb_4bit_quant_type"] == "fp4" and quantization["bnb_4bit_use_double_quant"] is False
     assert data.base_model == "org/tiny-llama" and data.license == "apache-2.0"
     validate_repo_id(data.base_model)

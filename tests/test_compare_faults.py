@@ -88,7 +88,7 @@ def test_a_diverged_runs_nan_is_written_as_null_with_a_note(tmp_path):
     write_comparison(Comparison([run], {}, reference, setup, {}), tmp_path)
     saved = _strict(tmp_path / "comparison.json")
     assert saved["runs"][0]["held_out"]["reward_accuracy"] is None
-    assert saved["notes"] == ["7 non-finite values (NaN or ±Infinity, e.g. a diverged run's) are written as null"]
+    assert saved["notes"] == ["8 non-finite values (NaN or ±Infinity, e.g. a diverged run's) are written as null"]
 
 
 def test_the_command_line_reports_a_bad_scorer_in_one_line_without_usage(stories_path, tmp_path, monkeypatch, capsys):

@@ -99,8 +99,8 @@ def test_length_bias_flags_margin_explained_by_length():
 @pytest.mark.parametrize(
     "factory,match",
     [
-        (lambda: LikelihoodDisplacementCallback(rejected_collapse=-1.0), "rejected_collapse must be a positive"),
-        (lambda: LikelihoodDisplacementCallback(rejected_ratio=0), "rejected_ratio must be a positive"),
+        (lambda: LikelihoodDisplacementCallback(rejected_collapse=-1.0), "rejected_collapse must be a finite positive"),
+        (lambda: LikelihoodDisplacementCallback(rejected_ratio=0), "rejected_ratio must be a finite positive"),
         (lambda: LikelihoodDisplacementCallback(window=1), "window must be an integer ≥ 2"),
         (lambda: RewardMarginCallback(action="explode"), r"unknown action 'explode'; choose one of \('warn', 'stop', 'checkpoint'\)"),
         (lambda: LengthBiasCallback(max_r2=1.5), r"max_r2 must lie in \(0, 1\)"),

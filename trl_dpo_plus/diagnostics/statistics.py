@@ -48,10 +48,9 @@ class PairStatistics:
     def observe(self, mode: str, step: int, is_main: bool) -> dict[str, float]:
         """Every detector's metrics and flags for this log: training logs move their windows on, evaluations are judged
         on their own (`eval_`-prefixed)."""
-        stats = self.take(mode)
+        stats = self.last = self.take(mode)
         if not stats:  # nothing since the last log (Transformers' end-of-training summary): nothing to repeat
             return {}
-        self.last = stats
         logs = {}
         for callback in self._callbacks():
             if mode == "train":
