@@ -500,8 +500,8 @@ def check_ranges(args) -> None:
     """Numbers out of range fail at config time, naming the field, the value and what it means."""
     for name, (low, inclusive, meaning) in RANGES.items():
         value = getattr(args, name, None)
-        if value is None:
-            continue
+        if value is None or (name == "num_train_epochs" and isinstance(args.max_steps, int) and args.max_steps > 0):
+            continue  # max_steps > 0 overrides the epochs
         bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
             value < low if inclusive else value <= low)
         if bad:
