@@ -6,7 +6,7 @@
     trl-dpo-plus compare --model_name_or_path ... --dataset_name pairs.jsonl --test_split_size 0.1 \
         --loss_type sigmoid ipo:beta=0.5 simpo [--reward_fn my_rewards:score]   one run per loss, one table
     trl-dpo-plus losses                      the registry: names, data kind, reference-free, defaults, papers
-    trl-dpo-plus report out/                 a run's diagnostics in words (flags, margins, displacement), the plot rebuilt
+    trl-dpo-plus report out/                 a run's diagnostics in words (flags, margins, displacement); plot rebuilt
     trl-dpo-plus sample out/ --prompt "..."  the adapter's completion beside the base's
     trl-dpo-plus merge out/ merged/          the base with the adapter merged in (its own dtype), tokenizer and card
     trl-dpo-plus demo [--losses sigmoid simpo ...]

@@ -11,7 +11,8 @@ in `contract.py` (checked when a trainer is built, and by `tests/test_trl_contra
   (collates in the chosen layout; reads and fills the reference cache) and `compute_ref_log_probs` (the reference
   forward in the chosen layout, counted);
 - TRL's `log` (adds the diagnostics' metrics), Transformers' private `_load_callback_state` (restores them on
-  resume, says when the loss changed) and `_save_checkpoint` (a full disk named), `train`, `save_model`, `create_model_card` and `end`;
+  resume, says when the loss changed) and `_save_checkpoint` (a full disk named), `train`, `save_model` (the
+  adapter's base by Hub id), `create_model_card` and `end`;
 - two patches: `_no_reference_model_loaded` keeps TRL's `__init__` from loading a reference model for reference-free
   losses, and `completion_only_lm_head` has TRL's fused LM head score only labelled positions on every device (TRL
   does so on Triton devices only).
