@@ -353,6 +353,8 @@ def main():
               f"{res['training_memory_ratio'][base]:>8.2f}x "
               f"{max(res['max_loss_diff'].values()):>9.1e} {res['slots'][base] / res['slots']['plus']:>13.2f}x "
               f"{res['floor_s'] / res['step_s']['plus']:>10.2f}", flush=True)
+        if args.json:  # after every configuration, so a long sweep stopped early keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
     print("(vs X: X's median step time / ours, per round in brackets; mem: our peak / X's; train mem: what training "
           "adds to the peak once the trainer is built, ours / X's; loss diff: max over steps "
           "of |loss ours − X| on the same pairs; slots: rows × width of the batch the model runs; floor/ours: the "
