@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data import _text
 from .held_out import completion_logprobs, pad_sequences, per_sequence
 
 RewardFn = Callable[..., list[float]]
@@ -112,18 +113,13 @@ def check_reward_fn(reward_fn: RewardFn, eval_dataset, tokenizer=None, n: int = 
     """Score the first `n` held-out pairs' own chosen and rejected completions before any run trains, so a scorer
     that raises or returns the wrong number of scores stops the sweep at once, not after every run trained."""
     rows = eval_dataset.select(range(min(n, len(eval_dataset))))
-    prompts = [p if isinstance(p, str) or tokenizer is None else prompt_text(p, tokenizer) for p in rows["prompt"]]
+    prompts = [p if tokenizer is None else prompt_text(p, tokenizer) for p in rows["prompt"]]
     completions = [[_text(c), _text(r)] for c, r in zip(rows["chosen"], rows["rejected"])]
     try:
         score(reward_fn, prompts, completions)
     except RewardFnError as err:
         raise RewardFnError(f"{err}. Checked on {2 * len(rows)} held-out completions before any run trained; "
                             "fix the function and run again.") from err.__cause__
-
-
-def _text(completion) -> str:
-    """A completion's text (the last message's content for conversational data)."""
-    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 def win_rate(after: list[list[float]], before: list[list[float]]) -> tuple[float, float]:
