@@ -35,9 +35,12 @@ def _versions() -> dict[str, str]:
 
 
 def reference_mode(trainer) -> str:
-    """How the reference log-probs were obtained, in words."""
+    """How the reference log-probs were obtained, in words (an on-policy round says which model it was)."""
     if not trainer.requires_reference:
         return "none (reference-free loss)"
+    on_policy = getattr(trainer, "training_round", None)  # set by `trl_dpo_plus.iterate`
+    if on_policy and on_policy.get("reference_text"):
+        return on_policy["reference_text"]
     if trainer.precompute_ref_logps:
         return "precomputed before training (log-probs of the initial model)"
     if trainer.ref_model is not None:
@@ -174,6 +177,9 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "final loss": round(final["loss"], 4) if final and "loss" in final else None,
     }
     nonfinite = nonfinite_weights(model)
+    on_policy = getattr(trainer, "training_round", None)
+    if on_policy:
+        training = {"on-policy round": on_policy["text"], **training}
     training = {"data": data_description(trainer), **training,
                 "final weights": f"NON-FINITE in {len(nonfinite)} tensors" if nonfinite else "finite"}
     diagnostics = None
@@ -203,6 +209,7 @@ def build_model_card(trainer, model_name: str | None = None, dataset_name: str |
         "final_reward_accuracy": training["final reward accuracy"], "final_reward_margin": training["final reward margin"],
         "diagnostics_flags": [f["flag"] for f in diagnostics["flags"]] if diagnostics else None,
         "weights_finite": not nonfinite,
+        **({"iterate": {k: v for k, v in on_policy.items() if k not in ("text", "reference_text")}} if on_policy else {}),
     }
     model_name = model_name or (repo_id or output_dir.resolve().name).split("/")[-1]
     card_data = ModelCardData(

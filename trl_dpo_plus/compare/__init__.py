@@ -20,7 +20,8 @@ from .held_out import AdapterPolicies, FullPolicy, evaluate_pairs, held_out_metr
 from .pipeline import StepBar, compare, score_held_out, train_runs
 from .report import COLUMNS, Comparison, markdown_table, plot_comparison, write_comparison
 from .runs import RunResult, RunSpec, parse_run, run_config
-from .sampling import RewardFnError, check_reward_fn, completion_logps, load_reward_fn, prompt_text, sample, win_rate
+from .sampling import (RewardFnError, check_reward_fn, completion_logps, load_reward_fn, prompt_text, sample,
+                       scored_samples, win_rate)
 
 __all__ = [
     "COLUMNS",
@@ -45,6 +46,7 @@ __all__ = [
     "run_config",
     "sample",
     "score_held_out",
+    "scored_samples",
     "train_runs",
     "win_rate",
     "write_comparison",

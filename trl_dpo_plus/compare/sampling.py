@@ -26,17 +26,19 @@ def prompt_text(prompt, tokenizer) -> str:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, seed: int, batch: int = 64):
-    """`n` completions per prompt, ancestral sampling at temperature 1 (so a KL estimate from them is unbiased)."""
+def sample(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, seed: int, batch: int = 64, *,
+           temperature: float = 1.0, top_p: float = 1.0, progress: str | None = None):
+    """`n` completions per prompt, batched and left-padded; ancestral sampling at temperature 1 and top-p 1 unless
+    told otherwise (a KL estimate from samples is unbiased only then). `progress`: a bar's label, or no bar."""
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     flat = [p for p in prompts for _ in range(n)]
     completions = []
     device = next(model.parameters()).device
     try:
-        for i in range(0, len(flat), batch):
+        for i in tqdm(range(0, len(flat), batch), desc=progress, leave=False, disable=progress is None, unit="batch"):
             enc = tokenizer(flat[i: i + batch], return_tensors="pt", padding=True, add_special_tokens=True).to(device)
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=top_p,
                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
             completions += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
@@ -130,8 +132,28 @@ def win_rate(after: list[list[float]], before: list[list[float]]) -> tuple[float
     return (wins + 0.5 * ties) / len(pairs), ties / len(pairs)
 
 
+def scored_samples(policies, name: str | None, prompts: list, texts: list[str], tokenizer, reward_fn: RewardFn,
+                   samples_per_prompt: int, max_new_tokens: int, seed: int, progress: str | None = None) -> dict:
+    """Samples from policy `name` (the base when `None`) on `texts` (the prompts as the model reads them), scored by
+    `reward_fn`: `samples`, `scores`, `mean_reward`, `fluency` (the base's per-token log-likelihood of the samples),
+    `example` (the base's first sample, a policy's best on the first prompt) and, for a policy, `sample_kl`."""
+    with (policies.reference() if name is None else policies.policy(name)) as model:
+        samples = sample(model, tokenizer, texts, samples_per_prompt, max_new_tokens, seed, progress=progress)
+        if name is not None:
+            flat_prompts = [p for p, cs in zip(texts, samples) for _ in cs]
+            policy_logps, _ = completion_logps(model, tokenizer, flat_prompts, [c for cs in samples for c in cs])
+    scores = score(reward_fn, prompts, samples)
+    fluency, base_logps = _fluency(policies, tokenizer, texts, samples)
+    best = 0 if name is None else max(range(len(samples[0])), key=lambda i: scores[0][i])
+    result = {"samples": samples, "scores": scores, "mean_reward": _mean(scores), "fluency": fluency,
+              "example": samples[0][best]}
+    if name is not None:
+        result["sample_kl"] = float((policy_logps - base_logps).mean())
+    return result
+
+
 def generation(policies, by_name, eval_dataset, tokenizer, reward_fn, generation_prompts, samples_per_prompt,
-                max_new_tokens, seed, progress, base: dict) -> dict[str, Any]:
+               max_new_tokens, seed, progress, base: dict) -> dict[str, Any]:
     """Samples on held-out prompts from the base (once) and from each policy, scored by `reward_fn`; fills each run's
     `generation` and returns the base's."""
     if isinstance(generation_prompts, int):
@@ -139,25 +161,16 @@ def generation(policies, by_name, eval_dataset, tokenizer, reward_fn, generation
     else:
         prompts = list(generation_prompts)
     texts = [prompt_text(p, tokenizer) for p in prompts]
+    settings = (tokenizer, reward_fn, samples_per_prompt, max_new_tokens, seed + 2)
     if not base:
-        with policies.reference() as model:
-            before = sample(model, tokenizer, texts, samples_per_prompt, max_new_tokens, seed + 2)
         base = {"prompts": len(prompts), "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
-                "samples": before, "scores": score(reward_fn, prompts, before)}
-        base.update(mean_reward=_mean(base["scores"]), fluency=_fluency(policies, tokenizer, texts, before)[0],
-                    example=before[0][0])
+                **scored_samples(policies, None, prompts, texts, *settings)}
     for name in tqdm(policies.names, desc="  sampling", leave=False, disable=not progress):
-        with policies.policy(name) as model:
-            after = sample(model, tokenizer, texts, samples_per_prompt, max_new_tokens, seed + 2)
-            flat_prompts = [p for p, cs in zip(texts, after) for _ in cs]
-            policy_logps, _ = completion_logps(model, tokenizer, flat_prompts, [c for cs in after for c in cs])
-        scores = score(reward_fn, prompts, after)
-        wins, ties = win_rate(scores, base["scores"])
-        fluency, base_logps = _fluency(policies, tokenizer, texts, after)
-        best = max(range(len(after[0])), key=lambda i: scores[0][i])
+        after = scored_samples(policies, name, prompts, texts, *settings)
+        wins, ties = win_rate(after["scores"], base["scores"])
         by_name[name][0].generation = {
-            "mean_reward": _mean(scores), "win_rate": wins, "ties": ties, "fluency": fluency,
-            "sample_kl": float((policy_logps - base_logps).mean()), "example": after[0][best]}
+            "mean_reward": after["mean_reward"], "win_rate": wins, "ties": ties, "fluency": after["fluency"],
+            "sample_kl": after["sample_kl"], "example": after["example"]}
     return base
 
 
