@@ -5,6 +5,8 @@
     trl-dpo-plus train --config recipe.yaml --accelerate_config zero3 --num_processes 8   (through accelerate launch)
     trl-dpo-plus compare --model_name_or_path ... --dataset_name pairs.jsonl --test_split_size 0.1 \
         --loss_type sigmoid ipo:beta=0.5 simpo [--reward_fn my_rewards:score]   one run per loss, one table
+    trl-dpo-plus iterate --model_name_or_path ... --dataset_name prompts.jsonl --reward_fn my_rewards:score \
+        --rounds 3 --samples_per_prompt 8 [--reference previous]   on-policy rounds: sample, score, pair, train
     trl-dpo-plus losses                      the registry: names, data kind, reference-free, defaults, papers
     trl-dpo-plus report out/                 a run's diagnostics in words (flags, margins, displacement); plot rebuilt
     trl-dpo-plus sample out/ --prompt "..."  the adapter's completion beside the base's
@@ -29,7 +31,7 @@ from typing import NoReturn
 
 from .assets import EMBEDDED_MODEL  # the embedded model's alias (`run` reads it too)
 
-COMMANDS = ("train", "compare", "losses", "report", "sample", "merge", "demo", "run")
+COMMANDS = ("train", "compare", "iterate", "losses", "report", "sample", "merge", "demo", "run")
 LAUNCHED_ENV = "TRL_DPO_PLUS_LAUNCHED"  # set for the processes `accelerate launch` starts, so they do not launch again
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_rslora",
               "use_dora")
@@ -455,6 +457,103 @@ def compare_command(argv: list[str]) -> int:
     return 0 if any(r.status == "ok" for r in result.runs) else 1
 
 
+@dataclasses.dataclass
+class IterateArguments:
+    """`trl-dpo-plus iterate`'s own options (every `train` option applies to each round)."""
+
+    reward_fn: str | None = dataclasses.field(default=None, metadata={
+        "help": "module:function (or file.py:function) scoring completions, TRL-style: fn(prompts=[...], "
+                "completions=[...]) -> list[float]. This or --reward_model."})
+    reward_model: str | None = dataclasses.field(default=None, metadata={
+        "help": "A local AutoModelForSequenceClassification folder; its first logit is the score."})
+    rounds: int = dataclasses.field(default=3, metadata={"help": "Rounds of sample, score, pair, train."})
+    samples_per_prompt: int = dataclasses.field(default=4, metadata={"help": "Samples per prompt and round."})
+    pairs_per_prompt: int = dataclasses.field(default=1, metadata={
+        "help": "Paired losses: best vs worst, then second best vs second worst, ... per prompt."})
+    max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "Tokens per sample."})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature of the training "
+                                                                            "prompts (held-out samples: 1)."})
+    top_p: float = dataclasses.field(default=1.0, metadata={"help": "Top-p of the training prompts' samples."})
+    reference: str = dataclasses.field(default="base", metadata={
+        "choices": ["base", "previous"], "help": "The reference: the round-0 base, or the previous round's policy."})
+    label_threshold: float | None = dataclasses.field(default=None, metadata={
+        "help": "Unpaired losses (kto): a sample scoring above it is desirable (default: its prompt's mean)."})
+    eval_prompts: int = dataclasses.field(default=16, metadata={
+        "help": "Held-out prompts (from --dataset_test_split, or held back from the train split's prompts)."})
+    full_finetune: bool = dataclasses.field(default=False, metadata={"help": "Train the whole model, not LoRA."})
+    resume: bool = dataclasses.field(default=False, metadata={
+        "help": "Continue after the last finished round recorded in --output_dir/iterate.json."})
+
+
+def iterate_command(argv: list[str]) -> int:
+    _quiet_console()
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = make_train_parser("trl-dpo-plus iterate", extra=(IterateArguments,))
+    given = explicit_options(argv)
+    adapter_flags = [] if {"lora", "qlora", "use_peft", "full_finetune"} & given else ["--lora"]
+    output = [] if "output_dir" in given else ["--output_dir", "iterate"]
+    *parsed, config_remaining, cli_remaining = _parse(parser, [*argv, *adapter_flags, *output])
+    script_args, training_args, model_args, _, iterate_args = parsed
+    if config_remaining + cli_remaining:
+        _check_launch_args(parser, config_remaining + cli_remaining)
+        parser.error(f"iterate samples and trains in one process; drop the launcher arguments "
+                     f"{config_remaining + cli_remaining}")
+    if (iterate_args.reward_fn is None) == (iterate_args.reward_model is None):
+        parser.error("iterate needs one scorer: --reward_fn module:function or --reward_model PATH")
+    _resolve_model(parser, model_args, training_args)
+    from .compare import load_reward_fn
+    from .data import load_preference_dataset
+    from .iterate import iterate, markdown_table
+
+    if script_args.dataset_name is None:
+        parser.error("iterate needs prompts: --dataset_name (a file, folder or Hub id with a 'prompt' column)")
+    with _one_line_errors(parser, debug, "reading the prompts and the scorer"):
+        reward_fn = load_reward_fn(iterate_args.reward_fn) if iterate_args.reward_fn else None
+        dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_config)
+        if script_args.dataset_train_split not in dataset:
+            raise ValueError(f"{script_args.dataset_name} has no split {script_args.dataset_train_split!r}; it has "
+                             f"{list(dataset)} (--dataset_train_split)")
+        train_prompts, eval_prompts = _iterate_prompts(dataset, script_args, iterate_args.eval_prompts)
+    peft_config, quantization_config = _peft_and_quantization([*argv, *adapter_flags], training_args, model_args)
+    with _one_line_errors(parser, debug, "iterate"):
+        report = iterate(
+            model_args.model_name_or_path, train_prompts, eval_prompts, training_args, reward_fn=reward_fn,
+            reward_model=iterate_args.reward_model, rounds=iterate_args.rounds,
+            samples_per_prompt=iterate_args.samples_per_prompt, pairs_per_prompt=iterate_args.pairs_per_prompt,
+            max_new_tokens=iterate_args.max_new_tokens, temperature=iterate_args.temperature,
+            top_p=iterate_args.top_p, reference=iterate_args.reference, label_threshold=iterate_args.label_threshold,
+            full_finetune=iterate_args.full_finetune, resume=iterate_args.resume, peft_config=peft_config,
+            quantization_config=quantization_config)
+    print(markdown_table(report))
+    print(f"\nWritten to {training_args.output_dir}/: " + ", ".join(report.files.values())
+          + ", and per round (round-<r>/) its adapter, model card, diagnostics and training rows")
+    failed = [row for row in report.rounds if row["status"] != "ok"]
+    if failed:
+        print(f"round {failed[0]['round']} failed: {failed[0]['error']} (error.txt in its folder); fix it and run "
+              "again with --resume", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _iterate_prompts(dataset, script_args, n_eval: int) -> tuple[list, list]:
+    """Distinct training prompts, and held-out ones: the test split's first `n_eval`, or the train split's last
+    `n_eval` (then not trained on)."""
+    def distinct(split):
+        if "prompt" not in split.column_names:
+            raise ValueError(f"{script_args.dataset_name}: no 'prompt' column (columns {split.column_names})")
+        import json
+
+        return list({json.dumps(p, sort_keys=True): p for p in split["prompt"]}.values())
+
+    train = distinct(dataset[script_args.dataset_train_split])
+    if script_args.dataset_test_split in dataset:
+        return train, distinct(dataset[script_args.dataset_test_split])[:n_eval]
+    if len(train) <= n_eval:
+        raise ValueError(f"{len(train)} distinct prompts leave none to train on after holding out --eval_prompts "
+                         f"{n_eval}; lower it or give a --dataset_test_split")
+    return train[:-n_eval], train[-n_eval:]
+
+
 def losses(argv: list[str]) -> int:
     from .losses import get_loss, list_losses
 
@@ -543,6 +642,8 @@ def _main(argv: list[str]) -> int:
         return losses(rest)
     if command == "compare":
         return compare_command(rest)
+    if command == "iterate":
+        return iterate_command(rest)
     if command in ("report", "sample", "merge"):
         return after_training(command, rest)
     if command == "demo":

@@ -18,7 +18,9 @@ in `contract.py` (checked when a trainer is built, and by `tests/test_trl_contra
   does so on Triton devices only).
 
 Other files that touch TRL: `layout/` (TRL's fused LM head output and its padded collator), `runner.py` (replaces
-TRL's trainer in a user's script) and `cli.py` (TRL's argument parser and script arguments).
+TRL's trainer in a user's script), `cli.py` (TRL's argument parser and script arguments) and `iterate/rounds.py`
+(`--reference previous` rests on TRL copying a PeftModel's adapter into a frozen "ref" reference adapter; checked
+there when the round's trainer is built).
 """
 
 from __future__ import annotations

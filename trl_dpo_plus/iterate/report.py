@@ -80,7 +80,8 @@ def write_report(report: IterateReport, out_dir: Path) -> dict[str, str]:
         markdown_table(report), "",
         "Columns:", "", *[f"- **{k}**: {v}" for k, v in COLUMNS.items()], "",
         "Each round's folder (`round-<r>/`) holds its adapter (or model), model card (README.md), diagnostics and "
-        "`rows.jsonl` (its training rows with their scores and reference log-probs).",
+        "`samples.jsonl` (the previous policy's samples of the training prompts, scored) and `rows.jsonl` (the "
+        "training rows built from them, with their scores and reference log-probs).",
     ]
     examples = [row for row in report.rounds if row["status"] == "ok" and row.get("example")]
     if examples:

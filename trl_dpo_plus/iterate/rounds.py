@@ -271,7 +271,12 @@ def _trainer(plan: _Plan, r: int, rows, config: DPOPlusConfig):
         return trainer
     if plan.adapters:  # the previous adapter, trainable; TRL's frozen "ref" copy of it is the reference
         config = dataclasses.replace(config, lora=False, qlora=False)  # keeps the resolved learning rate
-        return DPOPlusTrainer(_load_policy(plan, r - 1, trainable=True), args=config, **shared)
+        trainer = DPOPlusTrainer(_load_policy(plan, r - 1, trainable=True), args=config, **shared)
+        if "ref" not in trainer.model.peft_config:  # TRL's behaviour this mode rests on (trl 1.16's DPOTrainer)
+            raise RuntimeError("reference='previous' relies on TRL's DPOTrainer copying a PeftModel's adapter into a "
+                               "frozen 'ref' adapter as the reference; this TRL version did not, so the reference "
+                               "would be the base. Use reference='base', or the TRL range trl-dpo-plus pins")
+        return trainer
     # full fine-tuning from the previous round's model; the reference is the base, or (no ref_model) that model
     ref_model = _load_base(plan) if plan.reference == "base" else None
     return DPOPlusTrainer(str(previous), ref_model=ref_model, args=config, **shared)
@@ -355,6 +360,9 @@ def _training_rows(plan: _Plan, r: int, folder: Path):
     else:
         rows, ties = labelled(plan.train_prompts, samples, scores, plan.label_threshold)
     folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "samples.jsonl", "w") as file:  # every sample with its score, the rows' source
+        for prompt, texts, values in zip(plan.train_prompts, samples, scores):
+            file.write(json.dumps({"prompt": prompt, "samples": texts, "scores": values}) + "\n")
     rows.to_json(folder / "rows.jsonl")
     score_columns = [c for c in ("chosen_score", "rejected_score", "score") if c in rows.column_names]
     return rows.remove_columns(score_columns), len(rows), ties
