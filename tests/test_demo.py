@@ -39,7 +39,7 @@ def test_held_out_prompts_share_no_names_or_things_with_training():
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
     result = demo.main(["--losses", "sigmoid", "simpo", "kto", "--train_prompts", "16", "--eval_prompts", "4",
-                        "--samples_per_prompt", "6", "--epochs", "1", "--output_dir", str(tmp_path)])
+                        "--samples_per_prompt", "6", "--epochs", "1", "--rounds", "2", "--output_dir", str(tmp_path)])
     assert [r.name for r in result.runs] == ["sigmoid", "simpo", "kto"] and all(r.status == "ok" for r in result.runs)
     for r in result.runs:
         assert 0 <= r.generation["win_rate"] <= 1 and r.seconds > 0 and r.held_out["kl_per_token"] >= 0
@@ -50,3 +50,6 @@ def test_demo_end_to_end_small(tmp_path):
     assert card.data.to_dict()["library_name"] == "peft" and (tmp_path / "simpo" / "adapter_model.safetensors").exists()
     assert (tmp_path / "sigmoid" / "diagnostics.png").exists() and (tmp_path / "held_out_pairs.jsonl").exists()
     assert ModelCard.load(tmp_path / "kto" / "README.md").data.to_dict()["trl_dpo_plus"]["data"] == "unpaired"
+    rounds = json.loads((tmp_path / "iterate" / "iterate.json").read_text())["rounds"]  # the on-policy row
+    assert [(r["round"], r["status"]) for r in rounds] == [(0, "ok"), (1, "ok"), (2, "ok")]
+    assert (tmp_path / "iterate" / "round-2" / "adapter_model.safetensors").exists()

@@ -9,6 +9,8 @@
    the reference log-probs computed once for all, every adapter scored on the held-out pairs (reward accuracy,
    margins, log-ratios, length bias, KL to the base), and fresh samples on the held-out prompts scored by the rule
    (reward before → after, win-rate against the base with ties ½, fluency, Monte-Carlo KL).
+5. The on-policy row: `trl_dpo_plus.iterate`, sigmoid over 3 rounds on the same prompts and rule, each round
+   sampling the previous round's policy, pairing best against worst and training from its weights.
 
 Run: `python -m trl_dpo_plus.demo` (or `make demo`, or `trl-dpo-plus demo`). The same comparison on your own model
 and data: `trl-dpo-plus compare` (docs/compare.md).
@@ -32,6 +34,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .assets import default_model_path
 from .compare import Comparison, compare, markdown_table, sample
+from .iterate import IterateReport, best_vs_worst, iterate
+from .iterate import markdown_table as rounds_table
 
 HAPPY = {
     "happy", "smile", "smiled", "smiling", "smiles", "laugh", "laughed", "laughing", "love", "loved", "loves",
@@ -78,14 +82,9 @@ def lexicon_rewards(prompts: list[str], completions: list[str], **kwargs) -> lis
 
 def build_pairs(prompts: list[str], samples: list[list[str]], pairs_per_prompt: int) -> Dataset:
     """Best vs worst, second best vs second worst, ...; pairs whose rule rewards tie are skipped."""
-    rows = []
-    for prompt, completions in zip(prompts, samples):
-        ranked = sorted(completions, key=lexicon_reward, reverse=True)
-        for k in range(pairs_per_prompt):
-            best, worst = ranked[k], ranked[-1 - k]
-            if lexicon_reward(best) > lexicon_reward(worst):
-                rows.append({"prompt": prompt, "chosen": best, "rejected": worst})
-    return Dataset.from_list(rows)
+    scores = [[lexicon_reward(c) for c in completions] for completions in samples]
+    pairs, _ = best_vs_worst(prompts, samples, scores, pairs_per_prompt)
+    return pairs.select_columns(["prompt", "chosen", "rejected"])
 
 
 def main(argv: list[str] | None = None) -> Comparison:
@@ -102,6 +101,8 @@ def main(argv: list[str] | None = None) -> Comparison:
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="default 3e-4 for LoRA adapters, 1e-4 with --full_finetune")
     parser.add_argument("--full_finetune", action="store_true", help="train the whole model instead of LoRA adapters")
+    parser.add_argument("--rounds", type=int, default=3, help="on-policy rounds of sigmoid after the comparison (0: none)")
+    parser.add_argument("--round_epochs", type=float, default=2 / 3, help="epochs per on-policy round")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is fully offline
@@ -186,10 +187,40 @@ def _run(args) -> Comparison:
         text = run.generation.get("example")
         if text is not None:
             print(f"  {run.name:<11} ({lexicon_reward(text):+d}): {text.strip()[:150]!r}")
-    print(f"\nWritten to {out_dir}/: {', '.join(result.files.values())}, pairs.jsonl, held_out_pairs.jsonl, and per "
-          f"loss the trained {'adapter' if lora else 'model'} with its README.md model card and diagnostics.json/.png. "
-          f"Total {time.time() - t0:.0f}s.")
+    written = f"{out_dir}/: {', '.join(result.files.values())}, pairs.jsonl, held_out_pairs.jsonl"
+    if args.rounds > 0:
+        rounds = _on_policy(args, config, model_path, tokenizer, train_prompts, eval_prompts, result)
+        written += f", iterate/ ({', '.join(rounds.files.values())} and round-<r>/)"
+    print(f"\nWritten to {written}, and per loss the trained {'adapter' if lora else 'model'} with its README.md model "
+          f"card and diagnostics.json/.png. Total {time.time() - t0:.0f}s.")
     return result
+
+
+def _on_policy(args, config, model_path, tokenizer, train_prompts, eval_prompts, result: Comparison) -> IterateReport:
+    """Sigmoid over `args.rounds` on-policy rounds on the same prompts and rule, beside the one-round sigmoid run."""
+    import dataclasses
+
+    round_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / "iterate"),
+                                       num_train_epochs=args.round_epochs, loss_type=["sigmoid"])
+    print(f"\nOn-policy: sigmoid over {args.rounds} rounds of {args.round_epochs:.2g} epoch each; every round samples "
+          f"the {len(train_prompts)} training prompts × {args.samples_per_prompt} from the previous round's policy, "
+          f"pairs best against worst ({args.pairs_per_prompt} per prompt), trains from its weights against the "
+          "round-0 base; the same held-out prompts, sampled by each round's policy:\n")
+    report = iterate(model_path, train_prompts, eval_prompts, round_config, reward_fn=lexicon_rewards,
+                     rounds=args.rounds, samples_per_prompt=args.samples_per_prompt,
+                     pairs_per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
+                     processing_class=tokenizer, full_finetune=args.full_finetune)
+    print(rounds_table(report))
+    one_round = next((run for run in result.runs if run.name == "sigmoid" and run.generation), None)
+    last = report.rounds[-1]
+    if one_round is not None and last["status"] == "ok" and last["round"] > 0:
+        g, base = one_round.generation, report.rounds[0]
+        print(f"\nsigmoid, one round of {args.epochs:g} epochs on the base's samples: win-rate {g['win_rate']:.2f}, "
+              f"sample KL {g['sample_kl']:.1f}, fluency {g['fluency']:.2f} (base {result.base_generation['fluency']:.2f})."
+              f"\nsigmoid, on-policy round {last['round']} ({last['round'] * args.round_epochs:.2g} epochs in all): "
+              f"win-rate {last['win_rate_vs_base']:.2f}, sample KL {last['sample_kl']:.1f}, fluency "
+              f"{last['fluency']:.2f} (base {base['fluency']:.2f}).")
+    return report
 
 
 if __name__ == "__main__":
