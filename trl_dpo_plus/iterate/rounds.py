@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformers import PrinterCallback, ProgressCallback
+from transformers import PrinterCallback, ProgressCallback, set_seed
 
 from ..compare.held_out import AdapterPolicies
 from ..compare.pipeline import StepBar, _init_kwargs, _model_name
@@ -325,6 +325,7 @@ def _round(plan: _Plan, r: int, report: IterateReport) -> dict:
                              f"learn from ({row['ties']} ties); raise samples_per_prompt or temperature")
         config = dataclasses.replace(plan.args, output_dir=str(folder), eval_strategy="no",
                                      reference_cache_dir=str(plan.out_dir / "reference_cache"))
+        set_seed(plan.args.seed + r)  # the fresh adapter's init does not depend on what ran before in the process
         trainer = _trainer(plan, r, rows, config)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
