@@ -181,7 +181,7 @@ def test_a_failing_round_keeps_the_finished_ones_and_resume_goes_on(tmp_path):
     resumed = _iterate(out, resume=True)
     assert [(row["round"], row["status"]) for row in resumed.rounds] == [(0, "ok"), (1, "ok"), (2, "ok")]
     assert (out / "round-1" / "adapter_model.safetensors").stat().st_mtime_ns == first  # not trained again
-    assert (out / "round-2" / "adapter_model.safetensors").exists()
+    assert (out / "round-2" / "adapter_model.safetensors").exists() and not (out / "round-2" / "error.txt").exists()
     assert resumed.rounds[1]["samples"] == report.rounds[1]["samples"]  # round 2's win-rate vs round 1 reads these
     with pytest.raises(ValueError, match="other settings"):
         _iterate(out, resume=True, reference="previous")

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
@@ -223,10 +224,21 @@ def _resumed(plan: _Plan) -> IterateReport | None:
 
 
 # -- the models: the base, the previous round's policy, and each round's trainer -----------------------------------
+def _device(plan: _Plan) -> torch.device:
+    """Where training runs, so samples are drawn there too: this process's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available() and not plan.args.use_cpu:
+        from accelerate import PartialState
+
+        return PartialState().device
+    return torch.device("cpu")
+
+
 def _load_base(plan: _Plan):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(plan.model, **_init_kwargs(plan.args, plan.quantization_config)).eval()
+    kwargs = _init_kwargs(plan.args, plan.quantization_config)
+    kwargs.setdefault("device_map", {"": _device(plan)})
+    return AutoModelForCausalLM.from_pretrained(plan.model, **kwargs).eval()
 
 
 def _load_policy(plan: _Plan, r: int, trainable: bool = False):
@@ -245,6 +257,7 @@ def _load_policy(plan: _Plan, r: int, trainable: bool = False):
         model = PeftModel.from_pretrained(base, plan.round_dir(r), is_trainable=trainable)
     else:
         model = AutoModelForCausalLM.from_pretrained(plan.round_dir(r), **(plan.args.model_init_kwargs or {}))
+        model.to(_device(plan))
     return model if trainable else model.eval()
 
 
@@ -318,6 +331,7 @@ def _round(plan: _Plan, r: int, report: IterateReport) -> dict:
     row: dict[str, Any] = {"round": r, "status": "ok", "reference": plan.reference}
     folder = plan.round_dir(r)
     t0, trainer = time.time(), None
+    (folder / "error.txt").unlink(missing_ok=True)  # an earlier failure of this round, now run again
     try:
         rows, row["pairs"], row["ties"] = _training_rows(plan, r, folder)
         if len(rows) == 0:

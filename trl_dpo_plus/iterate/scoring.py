@@ -10,7 +10,7 @@ import torch
 
 class RewardModelScorer:
     """`scorer(prompts=[...], completions=[...]) -> list[float]`: the reward model's score (its first logit) of each
-    prompt + completion, in batches of `batch_size`. A conversational prompt goes through the reward model's chat
+    prompt + completion, in batches of `batch_size`, on `device` (default: the GPU when there is one). A conversational prompt goes through the reward model's chat
     template with the completion as the assistant's turn."""
 
     def __init__(self, path: str, batch_size: int = 16, device: str | torch.device | None = None):
@@ -26,8 +26,7 @@ class RewardModelScorer:
         self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        if device is not None:
-            self.model.to(device)
+        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
 
     def _text(self, prompt, completion: str) -> str:
