@@ -131,10 +131,12 @@ def test_compare_three_losses_numbers_come_from_the_runs(stories_path, tmp_path,
     assert runs["explodes"].status == "failed" and "step 1" in runs["explodes"].error
     assert all(runs[n].status == "ok" and runs[n].steps == 3 for n in ("sigmoid", "ipo-beta0.5", "simpo"))
 
-    # One reference pass over train + held-out, shared by both reference-based runs; none for the reference-free one
-    assert runs["sigmoid"].reference_rows == 40 + 16 and runs["ipo-beta0.5"].reference_rows == 0
-    assert runs["simpo"].reference_rows == 0 and result.reference["forward_rows"] == 56
-    assert result.reference["forward_rows_unshared"] == 2 * 56
+    # One reference pass over the 24 train pairs that 3 steps × 8 read, and the held-out ones, shared by both
+    # reference-based runs; none for the reference-free one
+    assert runs["sigmoid"].reference_rows == 24 + 16 and runs["ipo-beta0.5"].reference_rows == 0
+    assert runs["simpo"].reference_rows == 0 and result.reference["forward_rows"] == 40
+    assert result.reference["forward_rows_unshared"] == 2 * 40
+    assert any("reads 24 of the 40 train pairs" in note for note in result.notes)
 
     # The reference-free loss has no log-ratio values; the others' differ (they trained differently)
     simpo = runs["simpo"].held_out
@@ -216,4 +218,5 @@ def test_compare_command_line(stories_path, tmp_path, monkeypatch, capsys):
     assert "| sigmoid |" in printed and "| simpo-beta2.5 (reference-free) |" in printed
     saved = json.loads((tmp_path / "comparison" / "comparison.json").read_text())
     assert saved["setup"]["adapters"] == "lora" and saved["setup"]["held_out_pairs"] == 6
-    assert saved["reference"]["forward_rows"] == 30 and saved["runs"][1]["hyperparameters"]["beta"] == 2.5
+    # the 16 train pairs 2 steps × 8 read, and the held-out ones
+    assert saved["reference"]["forward_rows"] == 16 + 6 and saved["runs"][1]["hyperparameters"]["beta"] == 2.5

@@ -116,6 +116,44 @@ def test_another_models_file_under_this_runs_name_trains_from_a_fresh_reference(
     assert step["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("adapters", [True, False], ids=["lora", "full"])
+def test_max_steps_pays_the_reference_for_the_rows_it_reads(tiny_models, tokenizer, tmp_path, caplog, adapters):
+    """With adapters, 2 steps × 4 of 24 pairs: the reference forward runs on those 8 rows as they are read (the
+    adapter-disabled base), and the losses are TRL's with its reference precomputed over all 24. Without adapters
+    the whole split is precomputed (a per-batch reference would need a second model in memory)."""
+    import trl
+    from peft import LoraConfig
+
+    data, eval_data = make_pairs(24), make_pairs(6, seed=3)
+    common = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1, save_strategy="no", report_to=[],
+                  gradient_checkpointing=False, seed=0, max_length=64, use_cpu=True, bf16=False, learning_rate=1e-3,
+                  eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=6)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0) if adapters else None
+    with caplog.at_level(logging.INFO, logger="trl_dpo_plus"):
+        ours = DPOTrainer(tiny_models["llama"], args=DPOConfig(output_dir=str(tmp_path / "ours"), **common,
+                                                               reference_cache_dir=str(tmp_path / "cache")),
+                          train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer, peft_config=peft_config)
+    assert "ref_chosen_logps" in ours.eval_dataset.column_names  # the eval split is read whole: precomputed
+    if not adapters:
+        assert "ref_chosen_logps" in ours.train_dataset.column_names and "without adapters" in caplog.text
+        return
+    assert "ref_chosen_logps" not in ours.train_dataset.column_names and "reads 8 of the 24 train rows" in caplog.text
+    ours.train()
+    assert ours.reference_forwards["rows"] == 6 + 8  # the eval split once, then the 8 train rows read
+    theirs = trl.DPOTrainer(tiny_models["llama"], args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), **common,
+                                                                     precompute_ref_log_probs=True),
+                            train_dataset=data, eval_dataset=eval_data, processing_class=tokenizer,
+                            peft_config=peft_config)
+    theirs.train()
+    for key in ("loss", "rewards/margins", "eval_loss"):
+        mine = [h[key] for h in ours.state.log_history if key in h]
+        trl_values = [h[key] for h in theirs.state.log_history if key in h]
+        assert mine == pytest.approx(trl_values, abs=1e-5) and len(mine) >= 1, key
+    from trl_dpo_plus.hub import reference_mode
+
+    assert "computed per batch on the 8 train rows" in reference_mode(ours)  # what the model card says
+
+
 def test_ld_alpha_is_part_of_the_fingerprint(tiny_models, tokenizer, tmp_path):
     data = make_pairs(4)
     weighted, _ = _first_step(tiny_models["llama"], tokenizer, _args(tmp_path, ld_alpha=0.5), data)

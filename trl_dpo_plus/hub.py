@@ -41,6 +41,10 @@ def reference_mode(trainer) -> str:
     on_policy = getattr(trainer, "training_round", None)  # set by `trl_dpo_plus.iterate`
     if on_policy and on_policy.get("reference_text"):
         return on_policy["reference_text"]
+    read = trainer.reference_forwards.get("read_per_batch")
+    if trainer.precompute_ref_logps and read:
+        return (f"adapter-disabled base, computed per batch on the {read} train rows max_steps reads (the eval split "
+                "precomputed before training)")
     if trainer.precompute_ref_logps:
         return "precomputed before training (log-probs of the initial model)"
     if trainer.ref_model is not None:

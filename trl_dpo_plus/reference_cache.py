@@ -264,6 +264,32 @@ class SplitFingerprints:
         return Fingerprint(shared[0])
 
 
+def rows_read(args, num_processes: int) -> int | None:
+    """How many train rows a run with `max_steps` reads (steps × per-device batch × accumulation × processes), or
+    `None` when it runs by epochs."""
+    if args.max_steps is None or args.max_steps <= 0:
+        return None
+    return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+
+
+def rows_read_per_batch(args, rows: int, num_processes: int, adapters: bool) -> int | None:
+    """How many of the train split's `rows` a run with `max_steps` reads, when that is fewer than all of them and the
+    reference is the adapter-disabled base: those rows' reference log-probs are then computed per batch as they are
+    read (nothing more is loaded), instead of precomputed over the whole split. `None`: precompute the whole split (the
+    run reads all of it, or without adapters a per-batch reference would need a second model in memory)."""
+    read = rows_read(args, num_processes)
+    if read is None or read >= rows:
+        return None
+    if not adapters:
+        logger.info("max_steps=%d reads %d of the %d train rows, but without adapters a per-batch reference needs a "
+                    "second model in memory: the reference is precomputed over all %d rows", args.max_steps, read,
+                    rows, rows)
+        return None
+    logger.info("max_steps=%d reads %d of the %d train rows: their reference log-probs are computed per batch as they "
+                "are read (the adapter-disabled base), not precomputed over all %d", args.max_steps, read, rows, rows)
+    return read
+
+
 def cached_precompute(cache: ReferenceCache, fingerprint: Fingerprint, dataset: Dataset, name: str,
                       compute: Callable[[], Dataset], *, is_main: bool = True,
                       barrier: Callable[[], None] = lambda: None) -> Dataset:

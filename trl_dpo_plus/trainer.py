@@ -52,7 +52,7 @@ from .losses.transforms import wpo_weights
 from .metrics import loss_metrics, truncation_logs
 from .prepared import check_prepared, check_rows_left, split_sizes, without_filter
 from .qlora import prepare_adapter_training
-from .reference_cache import ReferenceCache, SplitFingerprints, cached_precompute, run_settings
+from .reference_cache import ReferenceCache, SplitFingerprints, cached_precompute, rows_read_per_batch, run_settings
 from .saving import check_resumed_losses, disk_full_named
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,12 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
     # -- the reference: precomputed (and cached), or run per batch in the chosen layout ---------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        """TRL's precompute, collated in this run's layout, through the cache when `reference_cache_dir` is set."""
+        """TRL's precompute in this run's layout, through `reference_cache_dir`; the train split's if all is read."""
         self._install_layout()  # TRL precomputes inside its __init__: collate as training will
+        if dataset is self.train_dataset and isinstance(dataset, Dataset) and self.reference_forwards.setdefault(
+                "read_per_batch", rows_read_per_batch(self.args, len(dataset), self.accelerator.num_processes,
+                                                      is_peft_model(self.model))):
+            return dataset  # its rows' reference log-probs come from the reference forward as they are read
         precompute = functools.partial(super()._precompute_ref_logps, dataset, name, batch_size)
         if self.args.reference_cache_dir is None or not isinstance(dataset, Dataset):
             return precompute()
@@ -223,7 +227,7 @@ class DPOPlusTrainer(_trl_dpo.DPOTrainer):
 
     def _reference_logps(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's reference log-probs (both branches): precomputed, or from the reference forward now."""
-        if self.precompute_ref_logps:
+        if "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         return self.compute_ref_log_probs(self.ref_model or self.model, inputs)
 

@@ -18,6 +18,7 @@ from ..config import DPOPlusConfig
 from ..diagnostics import read_report
 from ..losses import get_loss
 from ..metrics import last_train_log
+from ..reference_cache import rows_read
 from .held_out import AdapterPolicies, FullPolicy, evaluate_pairs, held_out_metrics
 from .report import Comparison, write_comparison
 from .runs import RunResult, RunSpec, parse_run, run_config
@@ -75,6 +76,7 @@ class _Sweep:
     progress: bool = True
     rescore: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)  # what the report must say it left out, and why
+    samples_failed: bool = False  # the reward_fn failed on the samples: no sample columns
 
     @property
     def adapters(self) -> bool:
@@ -142,12 +144,24 @@ def _plan(model, train_dataset, eval_dataset, losses, args, share_reference, **s
         raise ValueError(f"compare: two runs have the same name {labels}; give them different hyperparameters")
     cache_dir = (args.reference_cache_dir or str(out_dir / "reference_cache")) if share_reference else None
     configs = [run_config(args, run, out_dir, cache_dir) for run in runs]
-    train_dataset = _check_paired(train_dataset, "train")
+    train_dataset, notes = _pairs_read(_check_paired(train_dataset, "train"), args)
     eval_dataset = _check_paired(eval_dataset, "eval")
     if len(eval_dataset) == 0:
         raise ValueError("compare: the held-out split is empty; every run is scored on held-out pairs")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _Sweep(model, args, runs, configs, train_dataset, eval_dataset, out_dir, cache_dir, **shared)
+    return _Sweep(model, args, runs, configs, train_dataset, eval_dataset, out_dir, cache_dir, notes=notes, **shared)
+
+
+def _pairs_read(train_dataset, args: DPOPlusConfig):
+    """With `max_steps` reading fewer pairs than the train split holds: the pairs it reads, a seeded random subset
+    that every run trains on, so the shared reference pass covers those only; and the note that says so."""
+    read = rows_read(args, args.world_size)
+    if read is None or read >= len(train_dataset):
+        return train_dataset, []
+    note = (f"max_steps {args.max_steps} reads {read} of the {len(train_dataset)} train pairs: every run trains on the "
+            f"same {read} (a random subset, seed {args.seed}), and the reference pass covers those only.")
+    logger.info("compare: %s", note)
+    return train_dataset.shuffle(seed=args.seed).select(range(read)).flatten_indices(), [note]
 
 
 def train_runs(sweep: _Sweep, dataset_name=None) -> tuple[list[RunResult], Any, Any]:
@@ -198,7 +212,8 @@ def train_runs(sweep: _Sweep, dataset_name=None) -> tuple[list[RunResult], Any, 
             if trainer is not None:
                 result.reference_rows = trainer.reference_forwards["rows"]
                 if spec.requires_reference:  # what its own reference pass would have been, without the cache
-                    result.reference_rows_alone = sum(len(ds) for ds in (trainer.train_dataset, trainer.eval_dataset))
+                    train_rows = trainer.reference_forwards.get("read_per_batch") or len(trainer.train_dataset)
+                    result.reference_rows_alone = train_rows + len(trainer.eval_dataset)
                 trainer.accelerator.free_memory()
             del trainer
             gc.collect()
@@ -259,13 +274,14 @@ def score_held_out(sweep: _Sweep, results: list[RunResult], prepared_eval, token
         for name, values in per_policy.items():
             result, run, config = by_name[name]
             result.held_out = held_out_metrics(run, config, reference, values)
-        if reward_fn is not None and not sweep.notes:
+        if reward_fn is not None and not sweep.samples_failed:
             try:
                 base_generation = generation(policies, by_name, sweep.eval_dataset, tokenizer, reward_fn,
                                              generation_prompts, samples_per_prompt, max_new_tokens, args.seed,
                                              sweep.progress, base_generation)
             except RewardFnError as err:  # the held-out table is kept; the sample columns are left out, saying why
                 logger.warning("compare: %s; the table is written without the sample columns", err)
+                sweep.samples_failed = True
                 sweep.notes.append(f"No sample columns (win-rate, reward, fluency, sample KL): {err}. Score the "
                                    "saved runs again with a fixed reward_fn: compare(..., rescore=True), or "
                                    "`trl-dpo-plus compare --rescore DIR`.")
