@@ -1,8 +1,9 @@
-"""mkdocs hook: the loss table is generated from the registry, never typed by hand."""
+"""mkdocs hook: the loss table and the loss count are generated from the registry, never typed by hand."""
 
 from trl_dpo_plus.losses import get_loss, list_losses
 
 MARKER = "<!-- loss-table -->"
+COUNT = "<!-- loss-count -->"
 
 
 def loss_table() -> str:
@@ -19,4 +20,5 @@ def loss_table() -> str:
 
 
 def on_page_markdown(markdown, **kwargs):
+    markdown = markdown.replace(COUNT, str(len(list_losses())))
     return markdown.replace(MARKER, loss_table()) if MARKER in markdown else markdown

@@ -22,6 +22,14 @@ def test_docs_build_strictly(tmp_path):
     losses_page = (tmp_path / "site" / "losses" / "index.html").read_text()
     for name in list_losses():
         assert f"<code>{name}</code>" in losses_page, name
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert f"<strong>{len(list_losses())} losses</strong>" in index  # the count, from the registry too
+
+
+def test_the_readme_counts_the_registry():
+    """The README is not built by mkdocs (PyPI shows it), so its count is checked against the registry instead."""
+    count = re.search(r"A registry of (\d+) preference losses", (ROOT / "README.md").read_text())
+    assert count and int(count.group(1)) == len(list_losses())
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if SNIPPET.search(p.read_text())], ids=lambda p: p.name)

@@ -216,7 +216,8 @@ def _on_policy(args, config, model_path, tokenizer, train_prompts, eval_prompts,
     if one_round is not None and last["status"] == "ok" and last["round"] > 0:
         g, base = one_round.generation, report.rounds[0]
         print(f"\nsigmoid, one round of {args.epochs:g} epochs on the base's samples: win-rate {g['win_rate']:.2f}, "
-              f"sample KL {g['sample_kl']:.1f}, fluency {g['fluency']:.2f} (base {result.base_generation['fluency']:.2f})."
+              f"sample KL {g['sample_kl']:.1f}, fluency {g['fluency']:.2f} "
+              f"(base {result.base_generation['fluency']:.2f})."
               f"\nsigmoid, on-policy round {last['round']} ({last['round'] * args.round_epochs:.2g} epochs in all): "
               f"win-rate {last['win_rate_vs_base']:.2f}, sample KL {last['sample_kl']:.1f}, fluency "
               f"{last['fluency']:.2f} (base {base['fluency']:.2f}).")

@@ -19,7 +19,8 @@ COLUMNS = {
     "reward": "mean score of the held-out samples",
     "win vs base": "share of held-out sample slots scoring above the base's (same prompt and slot; ties ½)",
     "win vs prev": "the same against the previous round's samples",
-    "sample KL": "mean over held-out samples of log π(y|x) − log π_base(y|x), nats per sequence (≥ 0 in expectation)",
+    "sample KL": "mean over held-out samples of log π(y|x) − log π_base(y|x), nats per sequence (≥ 0 in "
+                 "expectation)",
     "fluency": "the base's log-likelihood of the held-out samples, nats per token (the base's own samples: round 0)",
     "flags": "diagnostics flags of the round's training (flag@step)",
 }
@@ -69,7 +70,8 @@ def write_report(report: IterateReport, out_dir: Path) -> dict[str, str]:
     files = {"json": REPORT_JSON, "markdown": "iterate.md"}
     text = [
         "# On-policy rounds", "",
-        f"{setup['model']}, {setup['adapters']}, loss {', '.join(setup['loss_type'])}; reference: {setup['reference']}. "
+        f"{setup['model']}, {setup['adapters']}, loss {', '.join(setup['loss_type'])}; "
+        f"reference: {setup['reference']}. "
         f"{setup['train_prompts']} training prompts × {setup['samples_per_prompt']} samples per round (temperature "
         f"{setup['temperature']:g}, top-p {setup['top_p']:g}, ≤ {setup['max_new_tokens']} new tokens, seed "
         f"{setup['seed']} + round), scored by {setup['scorer']}; lr {setup['learning_rate']:g}, "

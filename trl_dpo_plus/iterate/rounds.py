@@ -144,7 +144,8 @@ def _plan(model, train_prompts, eval_prompts, args, reward_fn, reward_model, rou
 
     if (reward_fn is None) == (reward_model is None):
         raise ValueError("iterate needs exactly one scorer: reward_fn (a TRL-style function, --reward_fn "
-                         "module:function) or reward_model (a local sequence-classification model, --reward_model PATH)")
+                         "module:function) or reward_model (a local sequence-classification model, "
+                         "--reward_model PATH)")
     if reference not in REFERENCES:
         raise ValueError(f"reference={reference!r}: choose 'base' (fixed to the round-0 model) or 'previous' (the "
                          "previous round's policy)")
@@ -153,8 +154,8 @@ def _plan(model, train_prompts, eval_prompts, args, reward_fn, reward_model, rou
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r}: must be an integer ≥ {low}")
     if pairs_per_prompt > samples_per_prompt // 2:
-        raise ValueError(f"pairs_per_prompt={pairs_per_prompt} needs samples_per_prompt ≥ {2 * pairs_per_prompt} (each "
-                         f"pair takes two distinct samples); it is {samples_per_prompt}")
+        raise ValueError(f"pairs_per_prompt={pairs_per_prompt} needs samples_per_prompt ≥ {2 * pairs_per_prompt} "
+                         f"(each pair takes two distinct samples); it is {samples_per_prompt}")
     if not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"temperature={temperature}, top_p={top_p}: temperature must be > 0 and top_p in (0, 1]")
     check_model_path(model)
@@ -214,8 +215,9 @@ def _resumed(plan: _Plan) -> IterateReport | None:
     changed = [k for k in ("model", "loss_type", "reference", "adapters", "samples_per_prompt", "eval_prompts")
                if report.setup.get(k) != setup[k]]
     if changed:
-        raise ValueError(f"resume: {path} was written with other settings ({', '.join(f'{k}: {report.setup.get(k)!r}' for k in changed)}, "
-                         f"now {', '.join(repr(setup[k]) for k in changed)}); resume with the same settings or use "
+        was = ", ".join(f"{k}: {report.setup.get(k)!r}" for k in changed)
+        raise ValueError(f"resume: {path} was written with other settings ({was}; now "
+                         f"{', '.join(repr(setup[k]) for k in changed)}); resume with the same settings or use "
                          "another output_dir")
     report.rounds = [row for row in report.rounds if row["status"] == "ok"]
     report.setup["rounds"] = plan.rounds
@@ -396,15 +398,15 @@ def _save_round(plan: _Plan, r: int, trainer, row: dict, folder: Path) -> None:
     trainer.training_round = {
         "round": r, "rounds": plan.rounds, "reference": plan.reference if r > 1 else "base", "pairs": row["pairs"],
         "ties_dropped": row["ties"], "samples_per_prompt": plan.samples_per_prompt,
-        "text": f"round {r} of {plan.rounds} of `trl-dpo-plus iterate`: {row['pairs']} rows from {plan.samples_per_prompt} "
-                f"samples per prompt of round {r - 1}'s policy, scored by {_setup(plan)['scorer']} ({row['ties']} ties "
-                f"dropped); trained from round {r - 1}'s weights",
+        "text": f"round {r} of {plan.rounds} of `trl-dpo-plus iterate`: {row['pairs']} rows from "
+                f"{plan.samples_per_prompt} samples per prompt of round {r - 1}'s policy, scored by "
+                f"{_setup(plan)['scorer']} ({row['ties']} ties dropped); trained from round {r - 1}'s weights",
         "reference_text": reference,
     }
     trainer.save_model()
     best_effort("the model card", folder / "README.md",
                 lambda: trainer.create_model_card(dataset_name=f"on-policy samples, round {r}"))
-    ref_columns = [c for c in ("ref_chosen_logps", "ref_rejected_logps", "ref_logps") if c in trainer.train_dataset.column_names]
+    ref_columns = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in trainer.train_dataset.column_names]
     if ref_columns:  # the rows with the reference log-probs this round trained against
         rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
         if len(rows) == len(trainer.train_dataset):

@@ -10,8 +10,8 @@ import torch
 
 class RewardModelScorer:
     """`scorer(prompts=[...], completions=[...]) -> list[float]`: the reward model's score (its first logit) of each
-    prompt + completion, in batches of `batch_size`, on `device` (default: the GPU when there is one). A conversational prompt goes through the reward model's chat
-    template with the completion as the assistant's turn."""
+    prompt + completion, in batches of `batch_size`, on `device` (default: the GPU when there is one). A
+    conversational prompt goes through the reward model's chat template with the completion as the assistant's turn."""
 
     def __init__(self, path: str, batch_size: int = 16, device: str | torch.device | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -42,7 +42,8 @@ class RewardModelScorer:
         scores: list[float] = []
         device = next(self.model.parameters()).device
         for i in range(0, len(completions), self.batch_size):
-            texts = [self._text(p, c) for p, c in zip(prompts[i: i + self.batch_size], completions[i: i + self.batch_size])]
+            chunk = slice(i, i + self.batch_size)
+            texts = [self._text(p, c) for p, c in zip(prompts[chunk], completions[chunk])]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
             scores += self.model(**enc).logits[:, 0].float().tolist()
         return scores
