@@ -32,11 +32,11 @@ def _tokenizer():
     return tokenizer
 
 
-def _iterate(out, reward_fn=lexicon_rewards, **kwargs):
+def _iterate(out, reward_fn=lexicon_rewards, train_prompts=TRAIN, **kwargs):
     settings = dict(reward_fn=reward_fn, rounds=2, samples_per_prompt=4, max_new_tokens=24,
                     processing_class=_tokenizer(), progress=False)
     settings.update(kwargs)
-    return iterate(default_model_path(), TRAIN, HELD_OUT, _args(out), **settings)
+    return iterate(default_model_path(), train_prompts, HELD_OUT, _args(out), **settings)
 
 
 def _rows(folder):
@@ -87,6 +87,7 @@ def test_reward_model_scores_in_batches_as_one_by_one(tmp_path):
     ({"rounds": 0}, "rounds=0"),
     ({"top_p": 0}, "top_p"),
     ({"reward_fn": lambda prompts, completions: [1.0]}, "one finite number per completion"),
+    ({"train_prompts": [[{"role": "user", "content": "Tell a story."}]]}, "no chat template"),
 ])
 def test_bad_settings_fail_before_anything_samples(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -239,3 +240,24 @@ def test_command_runs_rounds_and_prints_the_table(tmp_path, capsys):
     assert "| round | rows |" in out and "iterate.md" in out
     saved = json.loads((tmp_path / "out" / "iterate.json").read_text())
     assert saved["setup"]["adapters"] == "lora" and saved["setup"]["eval_prompts"] == 2
+
+
+@pytest.mark.slow
+def test_conversational_prompts_train_on_assistant_turns(tmp_path):
+    tokenizer = _tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                               "{{ eos_token }}{% endif %}{% endfor %}")
+    seen = []
+
+    def rewards(prompts, completions, **kwargs):
+        seen.append(prompts[0])
+        return lexicon_rewards(prompts, completions)
+
+    conversation = lambda prompts: [[{"role": "user", "content": p}] for p in prompts]  # noqa: E731
+    report = iterate(default_model_path(), conversation(TRAIN), conversation(HELD_OUT), _args(tmp_path / "chat"),
+                     reward_fn=rewards, rounds=1, samples_per_prompt=4, max_new_tokens=16, processing_class=tokenizer,
+                     progress=False)
+    assert report.rounds[1]["status"] == "ok", report.rounds[1].get("error")
+    assert all(isinstance(prompt, list) for prompt in seen)  # the scorer sees the conversation, as in TRL
+    row = _rows(tmp_path / "chat" / "round-1")[0]
+    assert row["chosen"][0]["role"] == "assistant" and "ref_chosen_logps" in row

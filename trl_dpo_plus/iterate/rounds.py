@@ -169,6 +169,10 @@ def _plan(model, train_prompts, eval_prompts, args, reward_fn, reward_model, rou
     tokenizer = processing_class or AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    for prompts in (train, held_out):
+        if not isinstance(prompts[0], str) and not tokenizer.chat_template:
+            raise ValueError("the prompts are conversations but the tokenizer has no chat template to turn them into "
+                             "the model's input; give plain-text prompts or a tokenizer with a chat template")
     if reward_model is not None:
         reward_fn = RewardModelScorer(reward_model)
     score(reward_fn, held_out[:1], [["", " ok"]])  # a scorer that cannot run stops here, before any sampling
