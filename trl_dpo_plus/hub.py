@@ -43,8 +43,8 @@ def reference_mode(trainer) -> str:
         return on_policy["reference_text"]
     read = trainer.reference_forwards.get("read_per_batch")
     if trainer.precompute_ref_logps and read:
-        return (f"adapter-disabled base, computed per batch on the {read} train rows max_steps reads (the eval split "
-                "precomputed before training)")
+        which = "frozen 'ref' adapter" if "ref" in getattr(trainer.model, "peft_config", {}) else "adapter-disabled base"
+        return f"{which}, computed per batch on the {read} train rows max_steps reads (the eval split precomputed)"
     if trainer.precompute_ref_logps:
         return "precomputed before training (log-probs of the initial model)"
     if trainer.ref_model is not None:
