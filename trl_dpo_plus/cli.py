@@ -538,16 +538,11 @@ def iterate_command(argv: list[str]) -> int:
 def _iterate_prompts(dataset, script_args, n_eval: int) -> tuple[list, list]:
     """Distinct training prompts, and held-out ones: the test split's first `n_eval`, or the train split's last
     `n_eval` (then not trained on)."""
-    def distinct(split):
-        if "prompt" not in split.column_names:
-            raise ValueError(f"{script_args.dataset_name}: no 'prompt' column (columns {split.column_names})")
-        import json
+    from .iterate import distinct_prompts
 
-        return list({json.dumps(p, sort_keys=True): p for p in split["prompt"]}.values())
-
-    train = distinct(dataset[script_args.dataset_train_split])
+    train = distinct_prompts(dataset[script_args.dataset_train_split], script_args.dataset_name)
     if script_args.dataset_test_split in dataset:
-        return train, distinct(dataset[script_args.dataset_test_split])[:n_eval]
+        return train, distinct_prompts(dataset[script_args.dataset_test_split], script_args.dataset_name)[:n_eval]
     if len(train) <= n_eval:
         raise ValueError(f"{len(train)} distinct prompts leave none to train on after holding out --eval_prompts "
                          f"{n_eval}; lower it or give a --dataset_test_split")

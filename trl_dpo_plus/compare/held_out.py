@@ -74,13 +74,17 @@ class AdapterPolicies:
 
 
 class FullPolicy:
-    """One fully fine-tuned policy (loaded from its folder) and the base model as its reference."""
+    """One fully fine-tuned policy and the base model as its reference."""
 
-    def __init__(self, base, name: str, path: str, init_kwargs: dict):
+    def __init__(self, base, name: str, model):
+        self.base, self.names, self.model = base, [name], model
+
+    @classmethod
+    def load(cls, base, name: str, path: str, init_kwargs: dict) -> FullPolicy:
+        """The policy loaded from its folder."""
         from transformers import AutoModelForCausalLM
 
-        self.base, self.names = base, [name]
-        self.model = AutoModelForCausalLM.from_pretrained(path, **init_kwargs).eval()
+        return cls(base, name, AutoModelForCausalLM.from_pretrained(path, **init_kwargs).eval())
 
     @contextlib.contextmanager
     def reference(self):

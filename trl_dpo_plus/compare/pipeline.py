@@ -264,7 +264,7 @@ def score_held_out(sweep: _Sweep, results: list[RunResult], prepared_eval, token
             peft_model.load_adapter(r.output_dir, adapter_name=ids[r.name])
         groups = [AdapterPolicies(peft_model, ids)]
     else:  # full fine-tuning: each policy in turn, so the reference's held-out pass runs once per run
-        groups = (FullPolicy(base, r.name, r.output_dir, init_kwargs) for r in trained)
+        groups = (FullPolicy.load(base, r.name, r.output_dir, init_kwargs) for r in trained)
     by_name = {r.name: (r, run, config) for r, run, config in zip(results, sweep.runs, sweep.configs)}
     base_generation: dict[str, Any] = {}
     for policies in groups:

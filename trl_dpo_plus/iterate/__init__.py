@@ -15,7 +15,7 @@ The files: `rounds` (`iterate()`: the loop, the models, one round), `pairs`, `sc
 
 from .pairs import best_vs_worst, labelled
 from .report import IterateReport, markdown_table, plot_rounds, write_report
-from .rounds import REFERENCES, iterate
+from .rounds import REFERENCES, distinct_prompts, iterate
 from .scoring import RewardModelScorer
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "IterateReport",
     "RewardModelScorer",
     "best_vs_worst",
+    "distinct_prompts",
     "iterate",
     "labelled",
     "markdown_table",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -16,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
-from ..compare.held_out import AdapterPolicies
+from ..compare.held_out import AdapterPolicies, FullPolicy
 from ..compare.pipeline import StepBar, _init_kwargs, _model_name
 from ..compare.sampling import RewardFn, prompt_text, sample, score, scored_samples, win_rate
 from ..config import DPOPlusConfig
@@ -164,8 +163,8 @@ def _plan(model, train_prompts, eval_prompts, args, reward_fn, reward_model, rou
         raise ValueError("full_finetune=True with lora/qlora/peft_config: choose adapters or the full model")
     if not full_finetune and not (args.lora or args.qlora or peft_config is not None):
         args = dataclasses.replace(args, lora=True)
-    train = _prompts(train_prompts, "train_prompts")
-    held_out = _prompts(eval_prompts, "eval_prompts")
+    train = distinct_prompts(train_prompts, "train_prompts")
+    held_out = distinct_prompts(eval_prompts, "eval_prompts")
     tokenizer = processing_class or AutoTokenizer.from_pretrained(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -183,7 +182,7 @@ def _plan(model, train_prompts, eval_prompts, args, reward_fn, reward_model, rou
                  quantization_config, progress)
 
 
-def _prompts(source, name: str) -> list:
+def distinct_prompts(source, name: str) -> list:
     """Prompts from a list or a dataset's `prompt` column, each once, in order."""
     if hasattr(source, "column_names"):
         if "prompt" not in source.column_names:
@@ -204,8 +203,12 @@ def _setup(plan: _Plan) -> dict:
         "samples_per_prompt": plan.samples_per_prompt, "pairs_per_prompt": plan.pairs_per_prompt,
         "max_new_tokens": plan.max_new_tokens, "temperature": plan.temperature, "top_p": plan.top_p,
         "learning_rate": args.learning_rate, "epochs_per_round": args.num_train_epochs, "max_steps": args.max_steps,
-        "seed": args.seed, "scorer": getattr(plan.reward_fn, "__name__", type(plan.reward_fn).__name__),
+        "seed": args.seed, "scorer": _scorer_name(plan),
     }
+
+
+def _scorer_name(plan: _Plan) -> str:
+    return getattr(plan.reward_fn, "__name__", type(plan.reward_fn).__name__)
 
 
 def _resumed(plan: _Plan) -> IterateReport | None:
@@ -301,27 +304,12 @@ def _trainer(plan: _Plan, r: int, rows, config: DPOPlusConfig):
     return DPOPlusTrainer(str(previous), ref_model=ref_model, args=config, **shared)
 
 
-class _FullPolicies:
-    """A fully fine-tuned policy and the base as its reference, in the shape `scored_samples` reads."""
-
-    def __init__(self, base, policy):
-        self.base, self.model = base, policy
-
-    @contextlib.contextmanager
-    def reference(self):
-        yield self.base
-
-    @contextlib.contextmanager
-    def policy(self, name):
-        yield self.model
-
-
 # -- one round ------------------------------------------------------------------------------------------------------
 def _base_row(plan: _Plan) -> dict:
     """Round 0: the base model's held-out samples, the yardstick of every later round."""
     t0 = time.time()
     base = _load_base(plan)
-    held = _held_out(plan, _FullPolicies(base, base), None)
+    held = _held_out(plan, FullPolicy(base, "base", base), None)
     del base
     return {"round": 0, "status": "ok", **held, "seconds": round(time.time() - t0, 1)}
 
@@ -404,7 +392,7 @@ def _save_round(plan: _Plan, r: int, trainer, row: dict, folder: Path) -> None:
         "ties_dropped": row["ties"], "samples_per_prompt": plan.samples_per_prompt,
         "text": f"round {r} of {plan.rounds} of `trl-dpo-plus iterate`: {row['pairs']} rows from "
                 f"{plan.samples_per_prompt} samples per prompt of round {r - 1}'s policy, scored by "
-                f"{_setup(plan)['scorer']} ({row['ties']} ties dropped); trained from round {r - 1}'s weights",
+                f"{_scorer_name(plan)} ({row['ties']} ties dropped); trained from round {r - 1}'s weights",
         "reference_text": reference,
     }
     trainer.save_model()
@@ -426,7 +414,7 @@ def _after_training(plan: _Plan, r: int, trainer, report: IterateReport) -> dict
     if plan.adapters:
         policies, name = AdapterPolicies(model, {"policy": "default"}), "policy"
     else:
-        policies, name = _FullPolicies(_load_base(plan), model), "policy"
+        policies, name = FullPolicy(_load_base(plan), "policy", model), "policy"
     held = _held_out(plan, policies, name)
     base, previous = report.rounds[0], report.rounds[-1]
     held["win_rate_vs_base"], held["ties_vs_base"] = win_rate(held["scores"], base["scores"])
